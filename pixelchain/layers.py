@@ -1,0 +1,230 @@
+"""Building blocks shared by the models: masked linear and causal convolution layers, their
+decoding caches, and the channel-group (sub-pixel, R -> G -> B) masks.
+
+Every convolution here is a :class:`CausalConv2d`: a plain convolution with explicit
+(top, bottom, left, right) zero padding and an optional fixed 0/1 mask on its weight. PixelCNN's
+type A / B masks, the gated model's vertical and horizontal stacks and PixelCNN++'s down-shifted
+convolutions are all instances (see the factories below), so one cache serves them all.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MaskedLinear(nn.Linear):
+    """y = x (W * M)^T + b with a fixed 0/1 mask M [out, in].
+
+    The mask is applied in ``forward``; the stored weights are never zeroed, so a weight
+    masked now keeps training when ``set_mask`` later connects it (MADE's mask cycling).
+    """
+
+    def __init__(self, in_features: int, out_features: int, mask: Tensor, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("mask", torch.empty(out_features, in_features))
+        self.set_mask(mask)
+
+    def set_mask(self, mask: Tensor) -> None:
+        if mask.shape != self.weight.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(self.weight.shape)}")
+        self.mask.copy_(mask)
+
+    def masked_weight(self) -> Tensor:
+        return self.weight * self.mask
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.masked_weight(), self.bias)
+
+
+def channel_groups(channels: int, groups: int) -> Tensor:
+    """Group index of each channel when ``channels`` are split into ``groups`` contiguous parts."""
+    return torch.arange(channels) * groups // channels
+
+
+def channel_group_mask(in_channels: int, out_channels: int, groups: int, mask_type: str) -> Tensor:
+    """[out, in] 0/1 mask for the current pixel: output group g sees input groups < g (type 'A')
+    or <= g (type 'B'). With groups = 3 this is PixelCNN's sub-pixel R -> G -> B masking."""
+    if mask_type not in ("A", "B"):
+        raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
+    out_group = channel_groups(out_channels, groups).unsqueeze(1)
+    in_group = channel_groups(in_channels, groups).unsqueeze(0)
+    allowed = in_group < out_group if mask_type == "A" else in_group <= out_group
+    return allowed.float()
+
+
+class CausalConv2d(nn.Conv2d):
+    """Convolution with explicit zero padding ``(top, bottom, left, right)`` and a fixed weight mask.
+
+    Output (i, j) reads padded input rows s*i .. s*i + kh - 1 and columns s*j .. s*j + kw - 1
+    (stride s); a negative padding crops. ``scale`` is the resolution level of the input
+    (0: full size, 1: halved, ...). During cached decoding (``cache`` set) only the outputs at
+    the decoder's cursor are computed, from the inputs kept so far.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+        mask: Tensor | None = None,
+        stride: int = 1,
+        scale: int = 0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        self.causal_padding = tuple(padding)
+        self.scale = scale
+        self.register_buffer("mask", mask)
+        self.cache: ConvCache | None = None
+
+    def masked_weight(self) -> Tensor:
+        return self.weight if self.mask is None else self.weight * self.mask
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.cache is not None:
+            return self.cache(x)
+        top, bottom, left, right = self.causal_padding
+        if any(self.causal_padding):
+            x = F.pad(x, (left, right, top, bottom))
+        return F.conv2d(x, self.masked_weight(), self.bias, self.stride)
+
+
+class CausalConvTranspose2d(nn.ConvTranspose2d):
+    """Stride-2 upsampling of a causal stream: output (r, c) = sum over taps (a, b) with
+    r = 2 i' + a and c = 2 j' + b - crop_left of W[:, :, a, b] applied to input (i', j'); the result
+    is cropped to the finer level's size. ``scale`` is the level of the (coarse) input."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], crop_left: int,
+                 scale: int) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=2)
+        self.crop_left, self.scale = crop_left, scale
+        self.cursor: Cursor | None = None
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        """x [B, Cin, H', W'] -> [B, Cout, H, W] with (H, W) = ``size`` (the finer level's)."""
+        if self.cursor is None:
+            out = super().forward(x)
+            return out[:, :, : size[0], self.crop_left : self.crop_left + size[1]]
+        i, j, fine = self.cursor.i, self.cursor.j, self.scale - 1
+        r = i >> fine
+        if j is None:  # x is coarse row r // 2: keep the output row of tap r % 2
+            out = super().forward(x)
+            return out[:, :, r % 2 : r % 2 + 1, self.crop_left : self.crop_left + size[1]]
+        if self.kernel_size[1] != 2 or self.crop_left:
+            raise ValueError("pixel-by-pixel upsampling needs a 2x2 kernel without crop")
+        c = j >> fine  # x is coarse pixel (r // 2, c // 2): one tap reaches (r, c)
+        return (x[:, :, 0, 0] @ self.weight[:, :, r % 2, c % 2] + self.bias).view(len(x), -1, 1, 1)
+
+
+def pixelcnn_conv(in_channels: int, out_channels: int, kernel_size: int, mask_type: str, groups: int = 1):
+    """PixelCNN's masked k x k convolution, stored as its non-zero (k//2 + 1) x k upper part:
+    rows above in full, the current row left of the centre, and the centre by channel group."""
+    k, r = kernel_size, kernel_size // 2
+    mask = torch.ones(out_channels, in_channels, r + 1, k)
+    mask[:, :, r, r + 1 :] = 0
+    mask[:, :, r, r] = channel_group_mask(in_channels, out_channels, groups, mask_type)
+    return CausalConv2d(in_channels, out_channels, (r + 1, k), (r, 0, r, r), mask)
+
+
+def pointwise_conv(in_channels: int, out_channels: int, groups: int = 1, mask_type: str = "B"):
+    """1 x 1 convolution; with groups > 1 it keeps the sub-pixel channel-group order."""
+    mask = None if groups == 1 and mask_type == "B" else channel_group_mask(
+        in_channels, out_channels, groups, mask_type
+    ).view(out_channels, in_channels, 1, 1)
+    return CausalConv2d(in_channels, out_channels, (1, 1), mask=mask)
+
+
+def skew(x: Tensor) -> Tensor:
+    """Shift row i of x [B, C, H, W] right by i -> [B, C, H, W + H - 1] (zeros elsewhere), so that
+    the diagonals of x become columns: skew(x)[..., i, i + j] = x[..., i, j]."""
+    B, C, H, W = x.shape
+    return F.pad(x, (0, H)).flatten(2)[..., : H * (W + H - 1)].view(B, C, H, W + H - 1)
+
+
+def unskew(x: Tensor) -> Tensor:
+    """The inverse of :func:`skew`: [B, C, H, W + H - 1] -> [B, C, H, W]."""
+    B, C, H, N = x.shape
+    return F.pad(x.flatten(2), (0, H)).view(B, C, H, N + 1)[..., : N - H + 1]
+
+
+# --------------------------------------------------------------------------- decoding caches
+@dataclass
+class Cursor:
+    """Where cached decoding is: row ``i`` and column ``j``, or ``j = None`` for a whole row."""
+
+    i: int = 0
+    j: int | None = 0
+
+
+class ConvCache:
+    """Keeps a layer's (padded) input and computes its output at the cursor only.
+
+    A call with a pixel [B, Cin, 1, 1] (cursor (i, j)) or a row [B, Cin, 1, W] (cursor (i, None))
+    stores it at that place and returns the layer's output there, [B, Cout, 1, 1] or
+    [B, Cout, 1, W]: the work of one output position (or row) instead of the whole image.
+    The cursor is in full-resolution coordinates; a layer at level s reads it as (i >> s, j >> s),
+    and a stride-2 layer writes at its input's level and computes at the next one.
+    """
+
+    def __init__(self, conv: CausalConv2d, cursor: Cursor, batch: int, height: int, width: int) -> None:
+        top, bottom, left, right = conv.causal_padding
+        self.conv, self.cursor = conv, cursor
+        self.top, self.left, self.stride = top, left, conv.stride[0]
+        self.in_level, self.out_level = conv.scale, conv.scale + (self.stride == 2)
+        self.kh, self.kw = conv.kernel_size
+        weight = conv.masked_weight().detach()
+        self.weight = weight
+        self.matrix = weight.flatten(1).t().contiguous()  # [Cin*kh*kw, Cout]
+        self.bias = None if conv.bias is None else conv.bias.detach()
+        rows, cols = -(-height >> conv.scale), -(-width >> conv.scale)  # ceil(size / 2^scale)
+        self.width = cols
+        self.buffer = weight.new_zeros(batch, conv.in_channels, rows + top + bottom, cols + left + right)
+
+    def store(self, i: int, j: int, value: Tensor) -> None:
+        """Overwrite the kept input at (i, j) (input level) with ``value`` [B, Cin]."""
+        if i + self.top < self.buffer.shape[2] and j + self.left < self.buffer.shape[3]:  # not cropped
+            self.buffer[:, :, i + self.top, j + self.left] = value
+
+    def __call__(self, x: Tensor) -> Tensor:
+        i, j, s = self.cursor.i, self.cursor.j, self.stride
+        r_in, r_out = i >> self.in_level, i >> self.out_level
+        if j is None:  # a whole row
+            if r_in + self.top < self.buffer.shape[2]:
+                self.buffer[:, :, r_in + self.top, self.left : self.left + self.width] = x[:, :, 0]
+            return F.conv2d(self.buffer[:, :, s * r_out : s * r_out + self.kh], self.weight, self.bias, s)
+        c_in, c_out = j >> self.in_level, j >> self.out_level
+        self.store(r_in, c_in, x[:, :, 0, 0])
+        window = self.buffer[:, :, s * r_out : s * r_out + self.kh, s * c_out : s * c_out + self.kw]
+        window = window.reshape(len(x), -1)
+        out = window @ self.matrix if self.bias is None else torch.addmm(self.bias, window, self.matrix)
+        return out.view(len(x), -1, 1, 1)
+
+
+@contextmanager
+def cached(modules, cursor: Cursor, batch: int, height: int, width: int):
+    """Give every spatial CausalConv2d in ``modules`` a cache for the duration of the block.
+
+    1 x 1 convolutions need none: their output at a place depends on their input there only.
+    """
+    layers = [m for module in modules for m in module.modules()]
+    convs = [m for m in layers if isinstance(m, CausalConv2d) and m.kernel_size != (1, 1)]
+    upsamplers = [m for m in layers if isinstance(m, CausalConvTranspose2d)]
+    try:
+        for conv in convs:
+            conv.cache = ConvCache(conv, cursor, batch, height, width)
+        for up in upsamplers:
+            up.cursor = cursor
+        yield
+    finally:
+        for conv in convs:
+            conv.cache = None
+        for up in upsamplers:
+            up.cursor = None

@@ -1,0 +1,230 @@
+"""AutoregressiveModel: what every density model shares.
+
+A subclass builds its network and implements ``forward(x, labels) -> params [B, P, H, W]``, the
+teacher-forced parameters of every conditional in one pass; the head turns them into
+log p(x_d | x_<d). Optionally it overrides ``decoding_order`` (default: raster order over pixels,
+channels R, G, B inside a pixel) and ``decoder`` (default: the naive one) with a cached decoder.
+Everything else (exact log-likelihood, input checks, sampling, completion) is here, once.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from ..decode import Decoder, KeepObserved, NaiveDecoder, Sample, decode
+from ..heads import Head
+
+
+def check_images(x: Tensor, image_shape: tuple[int, int, int], num_levels: int) -> Tensor:
+    """Validate a batch of images and return it as int64; raise ValueError naming the problem."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_floating_point() or x.is_complex():
+        raise ValueError(
+            f"x must hold integer levels in [0, {num_levels}), got dtype {x.dtype}; "
+            "convert images with pixelchain.data (or x.round().long()) first"
+        )
+    if x.dim() != 4 or tuple(x.shape[1:]) != tuple(image_shape):
+        raise ValueError(
+            f"x must have shape [B, {', '.join(map(str, image_shape))}] "
+            f"(batch, channels, height, width), got {list(x.shape)}"
+        )
+    x = x.long()
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= num_levels):
+        raise ValueError(f"x values must lie in [0, {num_levels}), found [{int(x.min())}, {int(x.max())}]")
+    return x
+
+
+class RecordsInitArgs:
+    """Records the constructor arguments of whatever is built, so pc.save can write a config
+    that rebuilds it (``self.init_args``; the outermost ``__init__`` finishes last and wins)."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__init__
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self, *args, **kw):
+            init(self, *args, **kw)
+            bound = signature.bind(self, *args, **kw)
+            bound.apply_defaults()
+            self.init_args = {k: v for k, v in list(bound.arguments.items())[1:]}
+
+        cls.__init__ = recording_init
+
+
+class AutoregressiveModel(RecordsInitArgs, nn.Module):
+    """p(x) = prod_d p(x_d | x_<d) over the C*H*W dimensions of an image with K levels.
+
+    Args:
+        image_shape: (C, H, W).
+        num_levels: K, the number of values of each dimension.
+        head: the per-dimension likelihood.
+        num_classes: if set, the model is class-conditional and takes ``labels`` [B] in
+            [0, num_classes).
+    """
+
+    name = ""  # registry name, set by @register
+    kind = "density"
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        num_levels: int,
+        head: Head,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        if len(image_shape) != 3 or any(int(s) < 1 for s in image_shape):
+            raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
+        if int(image_shape[0]) not in (1, 3):
+            raise ValueError(f"image_shape must have 1 or 3 channels, got C={image_shape[0]}")
+        if num_levels < 2:
+            raise ValueError(f"num_levels must be >= 2, got {num_levels}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.num_levels = int(num_levels)
+        self.head = head
+        self.num_classes = num_classes
+
+    # ----------------------------------------------------------------- shape helpers
+    @property
+    def num_dims(self) -> int:
+        """D = C * H * W."""
+        return math.prod(self.image_shape)
+
+    @property
+    def param_channels(self) -> int:
+        """P, the number of head parameters per pixel."""
+        return self.head.param_channels(self.image_shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def unit(self, x: Tensor) -> Tensor:
+        """x in {0..K-1} -> floats in [0, 1], in the model's dtype."""
+        return x.to(self.dtype) / (self.num_levels - 1)
+
+    def raster(self, x: Tensor) -> Tensor:
+        """Images [B, C, H, W] -> [B, D] in raster order (pixels, channels inside a pixel)."""
+        return x.permute(0, 2, 3, 1).flatten(1)
+
+    def unraster(self, params: Tensor) -> Tensor:
+        """Per-dimension parameters [B, D, p] in raster order -> head layout [B, C * p, H, W]."""
+        C, H, W = self.image_shape
+        return params.view(len(params), H, W, C, -1).permute(0, 3, 4, 1, 2).reshape(len(params), -1, H, W)
+
+    # ----------------------------------------------------------------- likelihood
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Teacher-forced parameters of every conditional: x [B, C, H, W] -> [B, P, H, W]."""
+        raise NotImplementedError
+
+    def log_likelihood(self, params: Tensor, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """log p(x) [B] in nats from the output of ``forward`` (what training maximises)."""
+        return self.head.log_prob(params, x).flatten(1).sum(1)
+
+    def log_prob_map(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """log p(x_d | x_<d) per dimension, in nats: x [B, C, H, W] -> [B, C, H, W]."""
+        x, labels = self.check_input(x, labels)
+        return self.head.log_prob(self(x, labels), x)
+
+    def log_prob(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Exact log p(x) in nats: x int64 [B, C, H, W] in [0, K) -> [B]."""
+        return self.log_prob_map(x, labels).flatten(1).sum(1)
+
+    def bits_per_dim(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """-log2 p(x) / D: [B]."""
+        return -self.log_prob(x, labels) / (self.num_dims * math.log(2))
+
+    def check_input(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Validate a batch and return it as int64; raise ValueError naming the problem."""
+        x = check_images(x, self.image_shape, self.num_levels)
+        if self.num_classes is None:
+            if labels is not None:
+                raise ValueError("labels given to a model built without num_classes")
+        else:
+            if labels is None:
+                raise ValueError(f"this model is class-conditional: pass labels [B] in [0, {self.num_classes})")
+            labels = torch.as_tensor(labels, device=x.device)
+            if labels.shape != (x.shape[0],) or labels.is_floating_point():
+                raise ValueError(f"labels must be integers of shape [{x.shape[0]}], got {labels.dtype} "
+                                 f"{list(labels.shape)}")
+            labels = labels.long()
+            if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+                raise ValueError(f"labels must lie in [0, {self.num_classes})")
+        return x, labels
+
+    # ----------------------------------------------------------------- decoding
+    def decoding_order(self) -> list[tuple[int, int, int]]:
+        """The order of the dimensions, as (c, h, w): raster over pixels, channels inside."""
+        C, H, W = self.image_shape
+        return [(c, h, w) for h in range(H) for w in range(W) for c in range(C)]
+
+    def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
+        """The decoder ``sample`` and ``complete`` use; models override it with a cached one."""
+        return NaiveDecoder(self, x, labels)
+
+    @contextmanager
+    def _eval_mode(self):
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        labels: Tensor | None = None,
+        naive: bool = False,
+        progress: bool = False,
+    ) -> Tensor:
+        """Draw n images: int64 [n, C, H, W]. ``naive=True`` runs the reference decoder."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        x = torch.zeros(n, *self.image_shape, dtype=torch.long, device=self.device)
+        _, labels = self.check_input(x, labels)
+        with self._eval_mode():
+            return decode(self, x, Sample(generator, temperature), labels, naive=naive, progress=progress)
+
+    def complete(
+        self,
+        x: Tensor,
+        observed: Tensor,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        labels: Tensor | None = None,
+        naive: bool = False,
+        progress: bool = False,
+    ) -> Tensor:
+        """Keep x where ``observed`` (bool [B, C, H, W]) is True, sample the rest given it.
+
+        Only dimensions before a missing one in the model's order condition it (the model is
+        autoregressive); observed values later in the order are kept but do not inform it.
+        """
+        x, labels = self.check_input(x, labels)
+        if observed.shape != x.shape or observed.dtype != torch.bool:
+            raise ValueError(f"observed must be a bool tensor of shape {list(x.shape)}, "
+                             f"got {observed.dtype} {list(observed.shape)}")
+        policy = KeepObserved(x, observed.to(x.device), Sample(generator, temperature))
+        with self._eval_mode():
+            return decode(self, x, policy, labels, naive=naive, progress=progress)
+
+    def extra_repr(self) -> str:
+        return f"image_shape={self.image_shape}, num_levels={self.num_levels}, head={self.head.name}"

@@ -1,0 +1,150 @@
+"""MADE (Germain et al., 2015): an autoencoder whose weight masks make it autoregressive.
+
+Each unit has a degree: input d the position of dimension d in the order (1..D), hidden units
+a degree in [1, D - 1], output d the degree of its dimension. A unit sees the units of the
+layer below with degree <= its own (outputs: strictly below), so output d depends on x_<d only.
+
+``num_masks`` M > 1 trains an ensemble of M (order, connectivity) pairs, one per minibatch
+(order-agnostic when ``order_agnostic``); the test likelihood is the log of the mean of the M
+likelihoods (logsumexp - log M). ``log_prob_map``, sampling and completion use mask 0, whose
+order is the model's ``decoding_order``. Masks multiply the weights in the forward pass, so a
+weight masked in one mask keeps training under the others.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..decode import Decoder
+from ..heads import default_head
+from ..layers import MaskedLinear
+from . import register
+from .base import AutoregressiveModel
+
+
+@register("made")
+class MADE(AutoregressiveModel):
+    """MADE with ReLU hidden layers of sizes ``hidden``; Bernoulli for K = 2, else K-way."""
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        num_levels: int = 2,
+        hidden: Sequence[int] = (500,),
+        num_masks: int = 1,
+        order_agnostic: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(image_shape, num_levels, default_head(num_levels))
+        if num_masks < 1 or not hidden:
+            raise ValueError("MADE needs num_masks >= 1 and at least one hidden layer")
+        D = self.num_dims
+        self.outputs_per_dim = self.head.params_per_dim
+        sizes = [D, *hidden, D * self.outputs_per_dim]
+        self.layers = nn.ModuleList(
+            MaskedLinear(n_in, n_out, torch.ones(n_out, n_in)) for n_in, n_out in zip(sizes, sizes[1:], strict=False)
+        )
+        # Degrees of every mask, drawn once from ``seed`` and saved with the weights: hidden unit
+        # degrees ~ U{min degree of the layer below .. D - 1}.
+        g = torch.Generator().manual_seed(seed)
+        orders, hidden_degrees = [], []
+        for _ in range(num_masks):
+            orders.append(torch.randperm(D, generator=g) if order_agnostic else torch.arange(D))
+            low, layers = 1, []
+            for size in hidden:
+                layers.append(torch.randint(low, max(D, low + 1), (size,), generator=g))
+                low = int(layers[-1].min())
+            hidden_degrees.append(torch.cat(layers))
+        # input_degree[m, j] = 1 + position of raster dimension j in mask m's order
+        self.register_buffer("input_degree", torch.stack([order.argsort() + 1 for order in orders]))
+        self.register_buffer("hidden_degree", torch.stack(hidden_degrees))
+        self.hidden = tuple(hidden)
+        self.num_masks = num_masks
+        self.register_buffer("mask_index", torch.zeros((), dtype=torch.long))
+        self.use_mask(0)
+
+    def use_mask(self, m: int) -> None:
+        """Set every layer's mask to mask ``m`` of the ensemble."""
+        degrees = [self.input_degree[m], *self.hidden_degree[m].split(list(self.hidden))]
+        out_degree = self.input_degree[m].repeat_interleave(self.outputs_per_dim)
+        for layer, d_in, d_out in zip(self.layers, degrees, [*degrees[1:], out_degree], strict=True):
+            # hidden units see degrees <= their own, outputs strictly lower ones
+            last = layer is self.layers[-1]
+            layer.set_mask(d_out.unsqueeze(1) > d_in.unsqueeze(0) if last else d_out.unsqueeze(1) >= d_in.unsqueeze(0))
+        self.mask_index.fill_(m)
+
+    def decoding_order(self) -> list[tuple[int, int, int]]:
+        C, H, W = self.image_shape
+        order = self.input_degree[0].argsort().tolist()  # raster indices in mask 0's order
+        return [(j % C, j // C // W, j // C % W) for j in order]
+
+    def params_from_first(self, first: Tensor, dims: slice = slice(None)) -> Tensor:
+        """Output parameters [B, n, p] of raster dims ``dims`` from the first layer's
+        pre-activation [B, H1], under the current mask."""
+        h = torch.relu(first)
+        for layer in self.layers[1:-1]:
+            h = torch.relu(layer(h))
+        last = self.layers[-1]
+        p = self.outputs_per_dim
+        rows = slice(dims.start * p, dims.stop * p) if dims.start is not None else slice(None)
+        return F.linear(h, last.masked_weight()[rows], last.bias[rows]).view(len(h), -1, p)
+
+    def params(self, x: Tensor) -> Tensor:
+        """Head parameters [B, P, H, W] under the current mask."""
+        return self.unraster(self.params_from_first(self.layers[0](self.raster(self.unit(x)))))
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """In training each call moves to the next mask of the ensemble; in eval, mask 0."""
+        if self.training and self.num_masks > 1:
+            self.use_mask((int(self.mask_index) + 1) % self.num_masks)
+        elif not self.training and int(self.mask_index) != 0:
+            self.use_mask(0)
+        return self.params(x)
+
+    def log_prob(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Exact log p(x), nats [B]; with M > 1 masks the ensemble: log of the mean of the M
+        likelihoods (logsumexp - log M), never an average of logits."""
+        if self.num_masks == 1:
+            return super().log_prob(x, labels)
+        x, labels = self.check_input(x, labels)
+        current = int(self.mask_index)
+        per_mask = []
+        for m in range(self.num_masks):
+            self.use_mask(m)
+            per_mask.append(self.head.log_prob(self.params(x), x).flatten(1).sum(1))
+        self.use_mask(current)
+        return torch.logsumexp(torch.stack(per_mask), dim=0) - math.log(self.num_masks)
+
+    def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
+        return MADEDecoder(self, x, labels)
+
+
+class MADEDecoder(Decoder):
+    """Incremental first layer: its pre-activation gains one input column per step; the layers
+    above are recomputed (O(H1 * H2) per step), the output only for the current dimension."""
+
+    def __init__(self, model: MADE, x: Tensor, labels: Tensor | None = None) -> None:
+        super().__init__(model, x, labels)
+        model.use_mask(0)
+        first = model.layers[0]
+        self.weight = first.masked_weight()
+        self.a = first.bias.expand(len(x), -1).clone()
+        self.previous: tuple[int, int, int] | None = None
+
+    def raster_index(self, c: int, h: int, w: int) -> int:
+        C, _, W = self.model.image_shape
+        return (h * W + w) * C + c
+
+    def conditional(self, step: int, c: int, h: int, w: int) -> Tensor:
+        model = self.model
+        if self.previous is not None:
+            value = model.unit(self.x[(slice(None), *self.previous)])
+            self.a += value.unsqueeze(1) * self.weight[:, self.raster_index(*self.previous)]
+        self.previous = (c, h, w)
+        j = self.raster_index(c, h, w)
+        return model.head.dim_conditional(model.params_from_first(self.a, slice(j, j + 1))[:, 0])

@@ -1,0 +1,272 @@
+"""PixelCNN (van den Oord et al., 2016a) and Gated PixelCNN (van den Oord et al., 2016b).
+
+PixelCNN: a type-A masked 7x7 convolution, residual blocks (1x1 -> masked 3x3 type B -> 1x1),
+then ReLU -> 1x1 -> ReLU -> 1x1 to the head's parameters. Its masked kernels leave a blind spot
+(pixels above-right of the receptive field's edge never reach a pixel).
+
+Gated PixelCNN: a vertical stack (rows above and the current row, k wide) feeding, shifted down a
+row, a horizontal stack (pixels to the left), with gated units tanh(a) * sigmoid(b), a residual
+connection on the horizontal stack and skip connections to the head: no blind spot. Optional
+class conditioning adds a learned per-class bias to every gate.
+
+For C = 3 every convolution that sees the current pixel is split into channel groups (R, G, B):
+the outputs for G see R, those for B see R and G (sub-pixel masking).
+
+Cached decoding runs the same forward code on a single pixel (and, for the vertical stack, on a
+single row), each spatial layer keeping its inputs: a step costs one output position per layer.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..decode import Decoder
+from ..heads import default_head
+from ..layers import CausalConv2d, Cursor, cached, channel_group_mask, pixelcnn_conv, pointwise_conv
+from . import register
+from .base import AutoregressiveModel
+
+
+class ConvDecoder(Decoder):
+    """Cached decoding for causal convolutional models.
+
+    The model's spatial layers get caches that keep their inputs; ``pixel_params(h, w)``
+    (model-specific) evaluates the network at one pixel. The convolutions in ``reads_image``
+    see the canvas directly: when a pixel is finished its final value is stored in them (during
+    the pixel's own steps they held the not yet decided channels, which the masks ignore).
+    Parameters of a pixel are recomputed for every channel when the head's channels depend on
+    the network's sub-pixel outputs, once per pixel otherwise.
+    """
+
+    def __init__(self, model, x: Tensor, labels: Tensor | None, reads_image: list[CausalConv2d]) -> None:
+        super().__init__(model, x, labels)
+        self.cursor = Cursor()
+        self._exit = ExitStack()
+        _, H, W = model.image_shape
+        self._exit.enter_context(cached([model], self.cursor, len(x), H, W))
+        self.reads_image = reads_image
+        self.pixel: tuple[int, int] | None = None
+        self.params: Tensor | None = None
+
+    def close(self) -> None:
+        self._exit.close()
+
+    def image(self, rows: slice, cols: slice) -> Tensor:
+        """The canvas at [rows, cols] as the network's input (``model.image``)."""
+        return self.model.image(self.x[:, :, rows, cols])
+
+    def pixel_params(self, h: int, w: int) -> Tensor:
+        raise NotImplementedError
+
+    def conditional(self, step: int, c: int, h: int, w: int) -> Tensor:
+        if self.pixel != (h, w):
+            if self.pixel is not None:
+                final = self.image(slice(self.pixel[0], self.pixel[0] + 1), slice(self.pixel[1], self.pixel[1] + 1))
+                for conv in self.reads_image:
+                    conv.cache.store(*self.pixel, final[:, :, 0, 0])
+            self.pixel, self.params = (h, w), None
+        if self.params is None or self.model.subpixel:
+            self.cursor.i, self.cursor.j = h, w
+            self.params = self.pixel_params(h, w)[:, :, 0, 0]
+        return self.model.head.conditional(self.params, self.x[:, :, h, w], c)
+
+
+# --------------------------------------------------------------------------- PixelCNN
+class ResidualBlock(nn.Module):
+    """x + 1x1(ReLU(masked kxk(ReLU(1x1(ReLU(x)))))), 2h -> h -> h -> 2h channels."""
+
+    def __init__(self, channels: int, kernel_size: int, groups: int) -> None:
+        super().__init__()
+        self.reduce = pointwise_conv(2 * channels, channels, groups)
+        self.conv = pixelcnn_conv(channels, channels, kernel_size, "B", groups)
+        self.expand = pointwise_conv(channels, 2 * channels, groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(F.relu(self.reduce(F.relu(x))))
+        return x + self.expand(F.relu(h))
+
+
+@register("pixelcnn")
+class PixelCNN(AutoregressiveModel):
+    """PixelCNN: ``num_blocks`` residual blocks of ``channels`` (stream of 2 * channels)."""
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        num_levels: int = 2,
+        channels: int = 16,
+        num_blocks: int = 15,
+        kernel_size: int = 3,
+        input_kernel_size: int = 7,
+        head_channels: int = 32,
+    ) -> None:
+        super().__init__(image_shape, num_levels, default_head(num_levels))
+        C = self.image_shape[0]
+        self.subpixel = C > 1
+        self.input_conv = pixelcnn_conv(C, 2 * channels, input_kernel_size, "A", C)
+        self.blocks = nn.Sequential(*[ResidualBlock(channels, kernel_size, C) for _ in range(num_blocks)])
+        self.head_layers = nn.Sequential(
+            nn.ReLU(), pointwise_conv(2 * channels, head_channels, C),
+            nn.ReLU(), pointwise_conv(head_channels, self.param_channels, C),
+        )
+
+    def image(self, x: Tensor) -> Tensor:
+        """Levels [B, C, H, W] -> the network's input floats in [-1, 1]."""
+        return self.unit(x) * 2 - 1
+
+    def network(self, image: Tensor) -> Tensor:
+        """Input floats [B, C, H, W] in [-1, 1] -> head parameters [B, P, H, W]."""
+        return self.head_layers(self.blocks(self.input_conv(image)))
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.network(self.image(x))
+
+    def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
+        return PixelCNNDecoder(self, x, labels, [self.input_conv])
+
+
+class PixelCNNDecoder(ConvDecoder):
+    def pixel_params(self, h: int, w: int) -> Tensor:
+        return self.model.network(self.image(slice(h, h + 1), slice(w, w + 1)))
+
+
+# --------------------------------------------------------------------------- Gated PixelCNN
+def gate(x: Tensor) -> Tensor:
+    """tanh(a) * sigmoid(b) for x = [a, b] split in half along channels."""
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+def down_shift(x: Tensor) -> Tensor:
+    """Move every row down one (row 0 becomes zeros): [B, C, H, W] -> [B, C, H, W]."""
+    return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
+
+
+class GatedLayer(nn.Module):
+    """One gated layer: vertical stack (k//2+1) x k, horizontal stack 1 x (k//2+1).
+
+    The vertical pre-activation reaches the horizontal stack through a 1x1 ``link`` after a
+    one-row down shift, so the horizontal stack at row i sees rows < i only through it.
+    The first layer (``first``) masks the current pixel (type A) and has no residual.
+    """
+
+    def __init__(self, in_channels: int, channels: int, kernel_size: int, groups: int,
+                 first: bool, num_classes: int | None) -> None:
+        super().__init__()
+        k, r = kernel_size, kernel_size // 2
+        self.first = first
+        self.vertical_conv = CausalConv2d(in_channels, 2 * channels, (r + 1, k), (r, 0, r, r))
+        self.link = nn.Conv2d(2 * channels, 2 * channels, 1)
+        # Horizontal kernel: pixels left of the current one, and the current one by channel group;
+        # gate halves laid out chunk-major, each following the hidden channels' groups.
+        mask = torch.ones(2 * channels, in_channels, 1, r + 1)
+        mask[:, :, 0, r] = channel_group_mask(in_channels, channels, groups, "A" if first else "B").repeat(2, 1)
+        self.horizontal_conv = CausalConv2d(in_channels, 2 * channels, (1, r + 1), (0, 0, r, 0), mask)
+        self.skip = pointwise_conv(channels, channels, groups)
+        self.residual = None if first else pointwise_conv(channels, channels, groups)
+        self.class_bias = None if num_classes is None else nn.Embedding(num_classes, 4 * channels)
+
+    def vertical(self, v: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Vertical input [B, Cin, H, W] -> (pre-activation [B, 2h, H, W], output [B, h, H, W])."""
+        pre = self.vertical_conv(v)
+        if self.class_bias is not None:
+            pre = pre + self.class_bias(labels)[:, : pre.shape[1], None, None]
+        return pre, gate(pre)
+
+    def horizontal(self, h: Tensor, shifted_vertical: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Horizontal input and the down-shifted vertical pre-activation -> (output, skip)."""
+        pre = self.horizontal_conv(h) + self.link(shifted_vertical)
+        if self.class_bias is not None:
+            pre = pre + self.class_bias(labels)[:, pre.shape[1] :, None, None]
+        g = gate(pre)
+        return (g if self.residual is None else h + self.residual(g)), self.skip(g)
+
+
+@register("gated_pixelcnn")
+class GatedPixelCNN(AutoregressiveModel):
+    """Gated PixelCNN: ``num_layers`` gated layers of ``channels`` after a 7x7 gated input layer."""
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        num_levels: int = 2,
+        channels: int = 64,
+        num_layers: int = 10,
+        kernel_size: int = 3,
+        input_kernel_size: int = 7,
+        head_channels: int = 64,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__(image_shape, num_levels, default_head(num_levels), num_classes)
+        C = self.image_shape[0]
+        self.subpixel = C > 1
+        self.layers = nn.ModuleList(
+            [GatedLayer(C, channels, input_kernel_size, C, True, num_classes)]
+            + [GatedLayer(channels, channels, kernel_size, C, False, num_classes) for _ in range(num_layers)]
+        )
+        self.head_layers = nn.Sequential(
+            nn.ReLU(), pointwise_conv(channels, head_channels, C),
+            nn.ReLU(), pointwise_conv(head_channels, self.param_channels, C),
+        )
+
+    def image(self, x: Tensor) -> Tensor:
+        """Levels [B, C, H, W] -> the network's input floats in [-1, 1]."""
+        return self.unit(x) * 2 - 1
+
+    def vertical_stack(self, image: Tensor, labels: Tensor | None) -> list[Tensor]:
+        """Vertical pre-activations of every layer (not yet shifted): list of [B, 2h, H, W]."""
+        pres, v = [], image
+        for layer in self.layers:
+            pre, v = layer.vertical(v, labels)
+            pres.append(pre)
+        return pres
+
+    def horizontal_stack(self, image: Tensor, shifted: list[Tensor], labels: Tensor | None) -> Tensor:
+        """Horizontal stack given the down-shifted vertical pre-activations -> params [B, P, H, W]."""
+        h, skips = image, 0
+        for layer, vertical in zip(self.layers, shifted, strict=True):
+            h, skip = layer.horizontal(h, vertical, labels)
+            skips = skips + skip
+        return self.head_layers(skips)
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        image = self.image(x)
+        shifted = [down_shift(pre) for pre in self.vertical_stack(image, labels)]
+        return self.horizontal_stack(image, shifted, labels)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0,
+               labels: Tensor | None = None, naive: bool = False, progress: bool = False) -> Tensor:
+        """Draw n images; a class-conditional model needs ``labels`` [n]."""
+        return super().sample(n, generator, temperature, labels, naive, progress)
+
+    def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
+        return GatedDecoder(self, x, labels, [self.layers[0].horizontal_conv])
+
+
+class GatedDecoder(ConvDecoder):
+    """The vertical stack runs once per row (on the row above, when it is complete), the
+    horizontal stack once per pixel (per channel for sub-pixel models)."""
+
+    def __init__(self, model: GatedPixelCNN, x: Tensor, labels: Tensor | None, reads_image) -> None:
+        super().__init__(model, x, labels, reads_image)
+        self.row = -1
+        self.shifted: list[Tensor] = []
+
+    def pixel_params(self, h: int, w: int) -> Tensor:
+        model = self.model
+        if self.row != h:  # a new row: the vertical stack of the (complete) row above
+            if h == 0:
+                width = model.image_shape[2]
+                self.shifted = [self.x.new_zeros(len(self.x), layer.link.in_channels, 1, width, dtype=model.dtype)
+                                for layer in model.layers]
+            else:
+                self.cursor.i, self.cursor.j = h - 1, None
+                self.shifted = model.vertical_stack(self.image(slice(h - 1, h), slice(None)), self.labels)
+                self.cursor.i, self.cursor.j = h, w
+            self.row = h
+        shifted = [pre[:, :, :, w : w + 1] for pre in self.shifted]
+        return model.horizontal_stack(self.image(slice(h, h + 1), slice(w, w + 1)), shifted, self.labels)

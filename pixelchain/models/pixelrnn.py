@@ -1,0 +1,276 @@
+"""PixelRNN (van den Oord et al., 2016): Row LSTM and Diagonal BiLSTM.
+
+Both: a masked k x k convolution (type A) to a residual stream of 2h channels, ``num_layers`` LSTM
+layers of h units, each added back to the stream through a 1 x 1 convolution, then
+ReLU -> 1 x 1 -> ReLU -> 1 x 1 to the head's parameters. For C = 3 every masked layer splits its
+channels into groups R, G, B, and each of the LSTM's 4 gate chunks is split like its hidden units,
+so hidden group g at a pixel sees the input groups <= g there (sub-pixel order R -> G -> B).
+
+* Row LSTM: rows top to bottom; gates = masked 1 x k convolution of the current row's input
+  (for the whole map at once) + 1 x k convolution of the previous row's hidden state. Its
+  receptive field is a triangle above the pixel, widening by k // 2 per row.
+* Diagonal BiLSTM: two LSTMs along the diagonals (columns of the skewed map), each position from
+  the states above and to its left (left to right) or right (right to left, run on the flipped
+  map). The right-to-left output is shifted down one row, so it sees only rows above, and then
+  it may read all of the row above: the layer input *and the pixels* (the layer input at a pixel
+  never holds that pixel, so without them the last pixel of the row above would be a blind spot;
+  the paper's version has it). With it, one layer sees every earlier pixel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..decode import Decoder
+from ..heads import default_head
+from ..layers import (
+    CausalConv2d,
+    ConvCache,
+    Cursor,
+    channel_group_mask,
+    pixelcnn_conv,
+    pointwise_conv,
+    skew,
+    unskew,
+)
+from . import register
+from .base import AutoregressiveModel
+
+
+def lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """One LSTM step: gates [B, 4h, ...] (chunks o, f, i, g), cell state c [B, h, ...] -> (h, c)."""
+    o, f, i, g = gates.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def input_to_state(channels: int, hidden: int, groups: int, width: int) -> CausalConv2d:
+    """Masked 1 x width convolution to the 4h gates, ending at the current pixel: the pixels to its
+    left in full, the pixel itself by channel group (type B), each gate chunk split like the units."""
+    mask = torch.ones(4 * hidden, channels, 1, width)
+    mask[:, :, 0, -1] = channel_group_mask(channels, hidden, groups, "B").repeat(4, 1)
+    return CausalConv2d(channels, 4 * hidden, (1, width), (0, 0, width - 1, 0), mask)
+
+
+def column_lstm(
+    gates: Tensor, state_to_state: nn.Conv1d, top: Tensor, h: Tensor, c: Tensor
+) -> tuple[Tensor, Tensor]:
+    """An LSTM along the columns of a (skewed) map: position (r, j) from the hidden states at
+    (r - 1, j - 1) and (r, j - 1) (a 2 x 1 convolution) and the cell state at (r, j - 1).
+
+    gates [B, 4h, H, W] input-to-state; top [B, h, W] the hidden states above row 0; h, c [B, h, H]
+    the states left of column 0. Returns the hidden states [B, h, H, W] and the last cell state.
+    """
+    hs = []  # columns made contiguous and unbound: one backward, not a full map per column
+    for column, above in zip(gates.permute(3, 0, 1, 2).contiguous(), top.split(1, 2), strict=True):
+        h, c = lstm_cell(column + state_to_state(torch.cat([above, h], 2)), c)
+        hs.append(h)
+    return torch.stack(hs, 3), c
+
+
+class RowLSTMLayer(nn.Module):
+    """An LSTM over rows, h units, on a residual stream of ``channels``."""
+
+    def __init__(self, channels: int, hidden: int, kernel_size: int, groups: int) -> None:
+        super().__init__()
+        r = kernel_size // 2
+        self.input_to_state = input_to_state(channels, hidden, groups, r + 1)
+        self.state_to_state = CausalConv2d(hidden, 4 * hidden, (1, kernel_size), (0, 0, r, r), bias=False)
+        self.out = pointwise_conv(hidden, channels, groups)
+
+    def forward(self, z: Tensor, image: Tensor) -> Tensor:
+        """z [B, channels, H, W] -> z + out(hidden states); ``image`` is unused (the Row LSTM sees
+        the pixels through z alone)."""
+        gates = self.input_to_state(z)
+        h = c = z.new_zeros(len(z), gates.shape[1] // 4, 1, z.shape[3])
+        rows = []
+        for row in gates.split(1, 2):  # split, not indexing: one backward, not a full map per row
+            h, c = lstm_cell(row + self.state_to_state(h), c)
+            rows.append(h)
+        return z + self.out(torch.cat(rows, 2))
+
+
+class DiagonalBiLSTMLayer(nn.Module):
+    """Left-to-right and right-to-left diagonal LSTMs, h units each, on a residual stream."""
+
+    def __init__(self, channels: int, hidden: int, groups: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.input_to_state = nn.ModuleList([
+            input_to_state(channels, hidden, groups, 1),  # left to right: z at the pixel, masked
+            nn.Conv2d(channels + groups, 4 * hidden, 1),  # right to left: z and the C = groups pixels
+        ])
+        self.state_to_state = nn.ModuleList(nn.Conv1d(hidden, 4 * hidden, 2, bias=False) for _ in range(2))
+        self.out = pointwise_conv(hidden, channels, groups)
+
+    def scan(self, d: int, gates: Tensor, top: Tensor | None = None) -> Tensor:
+        """Hidden states [B, h, H, W] of direction d (0: left to right, 1: right to left) from its
+        gates [B, 4h, H, W]; top [B, h, W]: the states above row 0 (zeros if None)."""
+        if d:
+            gates, top = gates.flip(3), None if top is None else top.flip(2)
+        B, _, H, _ = gates.shape
+        gates = skew(gates)
+        zeros = gates.new_zeros(B, self.hidden, H)
+        top = gates.new_zeros(B, self.hidden, gates.shape[3]) if top is None else F.pad(top, (0, H - 1))
+        h = unskew(column_lstm(gates, self.state_to_state[d], top, zeros, zeros)[0])
+        return h.flip(3) if d else h
+
+    def right_to_left(self, z: Tensor, image: Tensor, top: Tensor | None = None) -> Tensor:
+        """Right-to-left hidden states [B, h, H, W], not yet shifted, from z and the pixels."""
+        return self.scan(1, self.input_to_state[1](torch.cat([z, image], 1)), top)
+
+    def forward(self, z: Tensor, image: Tensor) -> Tensor:
+        """z [B, channels, H, W], image [B, C, H, W] -> z + out(left + right shifted down a row)."""
+        right = F.pad(self.right_to_left(z, image), (0, 0, 1, 0))[:, :, :-1]  # (i, j) gets row i - 1
+        return z + self.out(self.scan(0, self.input_to_state[0](z)) + right)
+
+
+class PixelRNN(AutoregressiveModel):
+    """What both models share: the first masked convolution, the LSTM layers, the output layers."""
+
+    def __init__(self, image_shape: tuple[int, int, int], num_levels: int, channels: int) -> None:
+        super().__init__(image_shape, num_levels, default_head(num_levels))
+        C = self.image_shape[0]
+        self.hidden = channels
+        self.first = pixelcnn_conv(C, 2 * channels, 7, "A", groups=C)
+        self.layers = nn.ModuleList()
+        self.output = nn.Sequential(
+            nn.ReLU(), pointwise_conv(2 * channels, 2 * channels, C),
+            nn.ReLU(), pointwise_conv(2 * channels, self.param_channels, C),
+        )
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        image = self.unit(x)
+        z = self.first(image)
+        for layer in self.layers:
+            z = layer(z, image)
+        return self.output(z)
+
+
+@register("row_lstm")
+class RowLSTM(PixelRNN):
+    """Row LSTM: ``num_layers`` layers of ``channels`` units, 1 x ``kernel_size`` convolutions
+    (defaults: the paper's binarized-MNIST size, h = 16 and 7 layers)."""
+
+    def __init__(self, image_shape: tuple[int, int, int], num_levels: int = 2, channels: int = 16,
+                 num_layers: int = 7, kernel_size: int = 3) -> None:
+        super().__init__(image_shape, num_levels, channels)
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
+        C = self.image_shape[0]
+        self.layers.extend(RowLSTMLayer(2 * channels, channels, kernel_size, C) for _ in range(num_layers))
+
+    def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
+        return RowLSTMDecoder(self, x, labels)
+
+
+@register("diagonal_bilstm")
+class DiagonalBiLSTM(PixelRNN):
+    """Diagonal BiLSTM: ``num_layers`` layers of ``channels`` units per direction (defaults: the
+    paper's binarized-MNIST model, h = 16 and 7 layers)."""
+
+    def __init__(self, image_shape: tuple[int, int, int], num_levels: int = 2, channels: int = 16,
+                 num_layers: int = 7) -> None:
+        super().__init__(image_shape, num_levels, channels)
+        C = self.image_shape[0]
+        self.layers.extend(DiagonalBiLSTMLayer(2 * channels, channels, C) for _ in range(num_layers))
+
+    def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
+        return DiagonalBiLSTMDecoder(self, x, labels)
+
+
+# --------------------------------------------------------------------------- cached decoding
+class PixelRNNDecoder(Decoder):
+    """Per pixel, only that pixel's features: the first convolution at the pixel (a ConvCache of
+    the canvas), one LSTM position per layer (``layer_at``), the 1 x 1 output layers.
+
+    For C = 3 a pixel is visited once per channel and its states are recomputed each time; the
+    states kept are those of the last visit (channel C - 1), when every other channel of the pixel
+    is final, and no state of a pixel depends on its own last channel (type A first layer, type B
+    after it), so they are the teacher-forced ones. Only the canvas itself changes after that: the
+    first convolution's cache gets the pixel's final value when the next pixel starts.
+    """
+
+    def __init__(self, model: PixelRNN, x: Tensor, labels: Tensor | None = None) -> None:
+        super().__init__(model, x, labels)
+        _, H, W = model.image_shape
+        self.cursor = Cursor()
+        self.first = ConvCache(model.first, self.cursor, len(x), H, W)
+        self.pixel: tuple[int, int] | None = None
+
+    def start_row(self, i: int) -> None:
+        """Called when row i starts; rows above it are final."""
+
+    def layer_at(self, n: int, layer: nn.Module, z: Tensor, i: int, j: int) -> Tensor:
+        """Layer n's output [B, 2h, 1, 1] at pixel (i, j) from its input z there."""
+        raise NotImplementedError
+
+    def conditional(self, step: int, c: int, i: int, j: int) -> Tensor:
+        model = self.model
+        if self.pixel != (i, j):
+            if self.pixel is not None:
+                pi, pj = self.pixel
+                self.first.store(pi, pj, model.unit(self.x[:, :, pi, pj]))
+            if self.pixel is None or self.pixel[0] != i:
+                self.start_row(i)
+            self.pixel = (i, j)
+        self.cursor.i, self.cursor.j = i, j
+        z = self.first(model.unit(self.x[:, :, i : i + 1, j : j + 1]))
+        for n, layer in enumerate(model.layers):
+            z = self.layer_at(n, layer, z, i, j)
+        return model.head.conditional(model.output(z)[:, :, 0, 0], self.x[:, :, i, j], c)
+
+
+class RowLSTMDecoder(PixelRNNDecoder):
+    """Keeps each layer's previous row of states, its state-to-state gates computed once per row,
+    and the current row's inputs (a ConvCache of the input-to-state convolution)."""
+
+    def __init__(self, model: RowLSTM, x: Tensor, labels: Tensor | None = None) -> None:
+        super().__init__(model, x, labels)
+        _, H, W = model.image_shape
+        self.caches = [ConvCache(layer.input_to_state, self.cursor, len(x), H, W) for layer in model.layers]
+        zeros = self.first.buffer.new_zeros(len(x), model.hidden, 1, W)
+        self.rows = [(zeros, zeros)] * len(model.layers)  # (h, c) of the current row per layer
+
+    def start_row(self, i: int) -> None:
+        layers = self.model.layers
+        self.above = [(layer.state_to_state(h), c) for layer, (h, c) in zip(layers, self.rows, strict=True)]
+        self.rows = [(torch.zeros_like(h), torch.zeros_like(c)) for h, c in self.rows]
+
+    def layer_at(self, n: int, layer: RowLSTMLayer, z: Tensor, i: int, j: int) -> Tensor:
+        gates_above, c_above = self.above[n]
+        h, c = lstm_cell(self.caches[n](z) + gates_above[..., j : j + 1], c_above[..., j : j + 1])
+        h_row, c_row = self.rows[n]
+        h_row[..., j : j + 1], c_row[..., j : j + 1] = h, c
+        return z + layer.out(h)
+
+
+class DiagonalBiLSTMDecoder(PixelRNNDecoder):
+    """Per pixel the left-to-right cell at (i, j) from the states at (i - 1, j) and (i, j - 1);
+    when row i starts, the right-to-left states of the complete row i - 1 (from the states of
+    row i - 2 above them), which, shifted down, serve all of row i."""
+
+    def __init__(self, model: DiagonalBiLSTM, x: Tensor, labels: Tensor | None = None) -> None:
+        super().__init__(model, x, labels)
+        B, (_, H, W), h, L = len(x), model.image_shape, model.hidden, len(model.layers)
+        new = self.first.buffer.new_zeros
+        self.inputs = [new(B, 2 * h, 1, W) for _ in range(L)]  # the current row's layer inputs
+        self.h = [new(B, h, H + 1, W + 1) for _ in range(L)]  # left to right, (i, j) at [i + 1, j + 1]
+        self.c = [new(B, h, W + 1) for _ in range(L)]  # the current row's cell states, j at [j + 1]
+        self.right = [new(B, h, 1, W) for _ in range(L)]  # right to left, the last complete row
+
+    def start_row(self, i: int) -> None:
+        if i:
+            image = self.model.unit(self.x[:, :, i - 1 : i])
+            self.right = [layer.right_to_left(z, image, top[:, :, 0])
+                          for layer, z, top in zip(self.model.layers, self.inputs, self.right, strict=True)]
+
+    def layer_at(self, n: int, layer: DiagonalBiLSTMLayer, z: Tensor, i: int, j: int) -> Tensor:
+        self.inputs[n][..., j : j + 1] = z
+        hs, cs = self.h[n], self.c[n]
+        h, c = column_lstm(layer.input_to_state[0](z), layer.state_to_state[0],
+                           hs[:, :, i, j + 1 : j + 2], hs[:, :, i + 1, j : j + 1], cs[:, :, j : j + 1])
+        hs[:, :, i + 1, j + 1 : j + 2], cs[:, :, j + 1 : j + 2] = h[..., 0], c
+        return z + layer.out(h + self.right[n][..., j : j + 1])

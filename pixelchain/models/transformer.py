@@ -1,0 +1,130 @@
+"""A decoder-only Transformer over the D = C * H * W values in raster order (channels inside a pixel).
+
+Token t is the embedding of the value before it, x_{t-1} (a learned start value at t = 0), plus a
+learned embedding of its position (and so of its channel). Pre-norm blocks (LayerNorm -> causal
+self-attention -> residual, LayerNorm -> MLP(4x, GELU) -> residual), a final LayerNorm and a
+linear layer give the head's parameters of dimension t. Decoding keeps every block's keys and
+values (a KV cache): step t runs token t alone through the blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..decode import Decoder
+from ..heads import default_head
+from . import register
+from .base import AutoregressiveModel
+
+
+class KVCache:
+    """The keys and values of the tokens so far, preallocated [B, heads, D, head_dim]."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, like: Tensor) -> None:
+        self.k = like.new_zeros(batch, heads, length, head_dim)
+        self.v = torch.zeros_like(self.k)
+        self.size = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add keys and values [B, heads, T, head_dim]; return all of them so far."""
+        end = self.size + k.shape[2]
+        self.k[:, :, self.size : end], self.v[:, :, self.size : end] = k, v
+        self.size = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention: x [B, T, dim] -> [B, T, dim].
+
+    With a ``cache``, x is the next token alone (T = 1): it attends to itself and every token
+    before it, whose keys and values the cache holds.
+    """
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be a multiple of num_heads ({num_heads})")
+        self.num_heads, self.dropout = num_heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        B, T, dim = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # [B, heads, T, hd]
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, *cache.append(k, v))
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, dim)))
+
+
+class Block(nn.Module):
+    """x + attention(LayerNorm(x)), then + MLP(LayerNorm(x)): [B, T, dim] -> [B, T, dim]."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, num_heads, dropout)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), cache)
+        return x + self.mlp(self.ln2(x))
+
+
+@register("transformer")
+class Transformer(AutoregressiveModel):
+    """``num_layers`` blocks of width ``dim`` with ``num_heads`` heads."""
+
+    def __init__(self, image_shape: tuple[int, int, int], num_levels: int = 2, dim: int = 64,
+                 num_layers: int = 4, num_heads: int = 4, dropout: float = 0.0) -> None:
+        super().__init__(image_shape, num_levels, default_head(num_levels))
+        self.num_heads = num_heads
+        self.value_embedding = nn.Embedding(num_levels + 1, dim)  # value K stands for "start"
+        self.position_embedding = nn.Parameter(torch.randn(self.num_dims, dim) * 0.02)
+        nn.init.normal_(self.value_embedding.weight, std=0.02)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(dim, num_heads, dropout) for _ in range(num_layers))
+        self.ln_f = nn.LayerNorm(dim)
+        self.readout = nn.Linear(dim, self.head.params_per_dim)
+
+    def run(self, previous: Tensor, positions: slice, caches: list[KVCache] | None = None) -> Tensor:
+        """Parameters [B, T, p] of the dimensions at ``positions`` from the values before them,
+        ``previous`` [B, T] (K for the start)."""
+        x = self.dropout(self.value_embedding(previous) + self.position_embedding[positions])
+        for n, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[n])
+        return self.readout(self.ln_f(x))
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        previous = F.pad(self.raster(x)[:, :-1], (1, 0), value=self.num_levels)  # x_{t-1}, start first
+        return self.unraster(self.run(previous, slice(None)))
+
+    def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
+        return TransformerDecoder(self, x, labels)
+
+
+class TransformerDecoder(Decoder):
+    """Step t runs token t (the value decoded at step t - 1) through the blocks and their caches."""
+
+    def __init__(self, model: Transformer, x: Tensor, labels: Tensor | None = None) -> None:
+        super().__init__(model, x, labels)
+        head_dim = model.position_embedding.shape[1] // model.num_heads
+        self.caches = [KVCache(len(x), model.num_heads, model.num_dims, head_dim, model.position_embedding)
+                       for _ in model.blocks]
+        self.order = model.decoding_order()
+
+    def conditional(self, step: int, c: int, h: int, w: int) -> Tensor:
+        model = self.model
+        if step:
+            previous = self.x[(slice(None), *self.order[step - 1])]
+        else:
+            previous = self.x.new_full((len(self.x),), model.num_levels)
+        params = model.run(previous.unsqueeze(1), slice(step, step + 1), self.caches)[:, 0]
+        return model.head.dim_conditional(params)

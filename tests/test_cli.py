@@ -1,0 +1,99 @@
+"""The command line, end to end on the embedded digits."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from pixelchain.cli import main
+
+SMALL_GATED = ["--set", "channels=8", "--set", "num_layers=2", "--set", "head_channels=8"]
+
+
+def test_train_eval_sample_complete(tmp_path, capsys):
+    run = tmp_path / "gated"
+    main(["train", "gated_pixelcnn", "--dataset", "digits", "--run-dir", str(run), "--epochs", "1", *SMALL_GATED])
+    out = capsys.readouterr().out
+    assert "test NLL:" in out and "bits/dim" in out
+    for name in ("config.json", "model.safetensors", "trainer_state.safetensors", "metrics.jsonl",
+                 "samples.png", "completions.png", "test_metrics.json"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "config.json").read_text())["dataset"]["name"] == "digits"
+    # 8 test images, each: original | occluded | 4 completions, on a 3x scaled 8x8 grid.
+    assert Image.open(run / "completions.png").size == (3 * (6 * 9 + 1), 3 * (8 * 9 + 1))
+
+    main(["eval", str(run), "--split", "valid"])
+    assert "valid NLL:" in capsys.readouterr().out
+    main(["sample", str(run), "-n", "6", "--out", str(tmp_path / "s.png")])
+    assert "6 samples" in capsys.readouterr().out and (tmp_path / "s.png").is_file()
+    main(["sample", str(run), "-n", "2", "--naive", "--out", str(tmp_path / "naive.png")])
+    main(["complete", str(run), "-n", "2", "--per-image", "3", "--out", str(tmp_path / "c.png")])
+    assert Image.open(tmp_path / "c.png").size == (3 * (5 * 9 + 1), 3 * (2 * 9 + 1))
+
+
+def test_logistic_regression_reports_accuracy(tmp_path, capsys):
+    main(["train", "logistic_regression", "--dataset", "digits", "--run-dir", str(tmp_path / "lr"),
+          "--epochs", "5", "--lr", "0.01"])
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "test NLL" in out
+
+
+def test_errors_are_reported_not_raised(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "fvsbn", "--dataset", "digits", "--run-dir", str(tmp_path / "x")])
+    assert exit_.value.code == 1
+    assert "17 levels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "fvsbn", "--dataset", "digits", "--set", "nonsense=3", "--run-dir", str(tmp_path / "y")])
+    assert "no hyperparameter nonsense" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", str(tmp_path / "nothing")])
+    assert "no config.json" in capsys.readouterr().err
+
+
+def start_training(run, epochs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "pixelchain.cli", "train", "fully_visible", "--dataset", "digits",
+           "--run-dir", str(run), "--epochs", str(epochs), "--checkpoint-seconds", "0", "--no-figures"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_checkpoint(run, process, steps=30):
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            return
+        time.sleep(0.05)
+    pytest.fail("training did not checkpoint in time")
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+def test_interrupted_run_resumes_to_the_end(tmp_path, how):
+    run, epochs = tmp_path / "run", 60  # 20 steps per epoch
+    process = start_training(run, epochs)
+    wait_for_checkpoint(run, process)
+    process.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
+    output = process.communicate(timeout=60)[0]
+    if how == "ctrl-c":
+        assert process.returncode == 130, output
+        assert "resume" in output
+    else:
+        assert process.returncode == -signal.SIGKILL
+    done_before = len((run / "metrics.jsonl").read_text().splitlines())
+    assert done_before < epochs, "the run finished before it could be interrupted"
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "pixelchain.cli", "train", "fully_visible", "--dataset", "digits", "--run-dir",
+         str(run), "--epochs", str(epochs), "--resume", "--no-figures"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"trained {epochs * 20} steps" in resumed.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, epochs + 1))

@@ -1,0 +1,127 @@
+"""Training, resuming, checkpoints and their errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pixelchain as pc
+from pixelchain.train import STATE
+
+DROPOUT_MODEL = ("pixelcnn_pp", {"channels": 4, "num_resnet": 1, "num_scales": 2, "num_mixtures": 2, "dropout": 0.3})
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train = pc.data.load("digits", "train").subset(slice(0, 200))
+    valid = pc.data.load("digits", "valid").subset(slice(0, 60))
+    return train, valid
+
+
+def new_model(digits, name=DROPOUT_MODEL[0], hparams=DROPOUT_MODEL[1]):
+    torch.manual_seed(0)
+    return pc.create(name, digits[0].image_shape, digits[0].num_levels, **hparams)
+
+
+def weights(run_dir):
+    return {k: v for k, v in load_file(str(run_dir / STATE)).items() if k.startswith("model.")}
+
+
+def test_fit_improves_the_likelihood(digits, tmp_path):
+    train, valid = digits
+    model = new_model(digits, "fully_visible", {})
+    before = pc.evaluate(model, valid)["nll"]
+    summary = pc.fit(model, train, valid, run_dir=tmp_path / "run", epochs=3, batch_size=20, progress=False)
+    after = pc.evaluate(model, valid)["nll"]
+    assert summary["finished"] and summary["epoch"] == 3 and summary["step"] == 30
+    assert after < before - 10
+    assert after == pytest.approx(summary["best_valid"], rel=1e-6)  # the model holds its best weights
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert {"valid_nll", "valid_bits_per_dim", "train_nll", "step", "time"} <= set(records[0])
+
+
+def test_resume_mid_epoch_ends_where_an_uninterrupted_run_ends(digits, tmp_path):
+    """Stop after 13 steps (inside epoch 2, model with dropout), resume: same weights, same log."""
+    train, valid = digits
+    kwargs = dict(epochs=3, batch_size=16, lr=3e-3, progress=False)  # 13 batches per epoch
+    pc.fit(new_model(digits), train, valid, run_dir=tmp_path / "a", **kwargs)
+
+    first = pc.fit(new_model(digits), train, valid, run_dir=tmp_path / "b", max_steps=20, **kwargs)
+    assert not first["finished"] and first["step"] == 20 and first["epoch"] == 1
+    second = pc.fit(new_model(digits), train, valid, run_dir=tmp_path / "b", resume=True, **kwargs)
+    assert second["finished"] and second["step"] == 39
+    for key, value in weights(tmp_path / "a").items():
+        torch.testing.assert_close(weights(tmp_path / "b")[key], value, rtol=0, atol=0, msg=key)
+    log_a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    log_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "time"} for x in lines]  # noqa: E731
+    assert strip(log_a) == strip(log_b)
+
+
+def test_refuses_to_overwrite_or_resume_nothing(digits, tmp_path):
+    train, valid = digits
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        pc.fit(new_model(digits), train, valid, run_dir=tmp_path / "new", resume=True, progress=False)
+    pc.fit(new_model(digits), train, valid, run_dir=tmp_path / "run", max_steps=1, progress=False)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        pc.fit(new_model(digits), train, valid, run_dir=tmp_path / "run", progress=False)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_an_intact_checkpoint(digits, tmp_path):
+    train, valid = digits
+    model = new_model(digits, "fully_visible", {})
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):
+        calls["n"] += module.training  # training steps only, not the validation passes
+        return output * float("nan") if module.training and calls["n"] == 6 else output
+
+    model.register_forward_hook(poison)
+    with pytest.raises(pc.TrainingDiverged, match="step 6") as error:
+        pc.fit(model, train, valid, run_dir=tmp_path / "run", checkpoint_seconds=0, progress=False)
+    assert "intact" in str(error.value) and "resume" in str(error.value)
+    saved = weights(tmp_path / "run")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    state = pc.train._load_state(tmp_path / "run" / STATE, new_model(digits, "fully_visible", {}),
+                                 torch.optim.Adam(model.parameters()))
+    assert state["step"] == 5
+
+
+def test_dataset_must_match_the_model(digits):
+    model = pc.create("fvsbn", (1, 8, 8), 2)
+    with pytest.raises(ValueError, match="17 levels"):
+        pc.fit(model, digits[0], progress=False)
+
+
+def test_logistic_regression_learns_digits(tmp_path):
+    """Maximum likelihood (cross-entropy) fits the classifier: chance is 10%. The digits test split
+    (the file's last 270, other writers) is harder than the validation split."""
+    train, valid, test = (pc.data.load("digits", s) for s in ("train", "valid", "test"))
+    torch.manual_seed(0)
+    model = pc.create("logistic_regression", train.image_shape, train.num_levels, num_classes=10)
+    pc.fit(model, train, epochs=40, batch_size=32, lr=0.01, progress=False)
+    assert pc.evaluate(model, valid)["accuracy"] > 0.93
+    assert pc.evaluate(model, test)["accuracy"] > 0.85
+    probs = model(test.images[:1]).softmax(-1)[0]
+    draws = torch.stack([model.sample(test.images[:1], torch.Generator().manual_seed(i)) for i in range(400)])
+    assert abs((draws == probs.argmax()).double().mean().item() - probs.max().item()) < 0.08
+
+
+def test_save_load_round_trip_and_errors(digits, tmp_path):
+    model = new_model(digits).eval()
+    pc.save(model, tmp_path / "run", dataset={"name": "digits"})
+    loaded = pc.load(tmp_path / "run").eval()
+    x = digits[1].images[:5]
+    torch.testing.assert_close(loaded.log_prob(x), model.log_prob(x))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == "pixelcnn_pp"
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        pc.load(tmp_path / "missing")
+    (tmp_path / "run" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt"):
+        pc.load(tmp_path / "run")
+    (tmp_path / "run" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        pc.load(tmp_path / "run")
