@@ -155,6 +155,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     info: dict | None = None,
+    monitor: dict[str, ImageDataset] | None = None,
 ) -> dict:
     """Train ``model`` on ``train`` by maximum likelihood; returns the run's summary.
 
@@ -167,6 +168,8 @@ def fit(
         compile: train through ``torch.compile``; ``amp``: bfloat16 autocast on CUDA.
         resume: continue the run in ``run_dir`` from its trainer state.
         info: extra entries for config.json (e.g. the dataset name).
+        monitor: more splits evaluated and logged after each epoch (e.g. {"test": test} for a
+            curve of test NLL against time); they never steer model selection.
     Returns:
         {'step', 'epoch', 'finished', 'best_valid' (nats), 'elapsed' (s), 'images_per_s'
         (training images per second of wall time, evaluations included)}. With a validation
@@ -312,6 +315,8 @@ def fit(
                                + (f", accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else ""))
             elif main and run_dir is not None:
                 save_weights(model, run_dir / WEIGHTS)
+            for name, dataset in (monitor or {}).items():
+                record.update({f"{name}_{k}": v for k, v in evaluate(model, dataset, eval_batch_size).items() if k != "n"})
             log(record)
             state["finished"] = state["finished"] or state["epoch"] >= epochs
             checkpoint()

@@ -1,0 +1,61 @@
+"""What the benchmark scripts share: timing, the machine's description, BENCHMARKS.md sections."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+PEER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "134217728"}
+
+
+def machine() -> str:
+    """One line: CPU, cores, threads, torch version (and the GPU when one is used)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    malloc = "pinned" if all(os.environ.get(k) == v for k, v in PEER_MALLOC.items()) else "glibc default"
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"malloc thresholds {malloc}{gpu}")
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace the section ``name`` of BENCHMARKS.md (between its markers) with ``body``, stamped
+    with the command that produced it and the date."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    command = " ".join(["python", *sys.argv])
+    stamp = f"_Measured {time.strftime('%Y-%m-%d')} by `{command}`._\n\n"
+    block = f"{start}\n{stamp}{body.rstrip()}\n{end}"
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + f"\n\n{block}\n"
+    BENCHMARKS_MD.write_text(text)

@@ -1,0 +1,110 @@
+"""Train one benchmark preset on static binarized MNIST, under a time budget, resumably.
+
+    python benchmarks/train_bmnist.py gated_pixelcnn --max-time 480 --runs-dir runs/bench
+    python benchmarks/train_bmnist.py gated_pixelcnn --max-time 480 --runs-dir runs/bench --resume
+
+Each epoch logs validation and test NLL (nats) against training time in metrics.jsonl (the test
+split never steers model selection: the best validation epoch's weights are kept). At the end the
+best weights are scored on the test split and result.json, samples.png and completions.png are
+written. ``python benchmarks/report.py`` turns the run directories into BENCHMARKS.md tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import pixelchain as pc
+from pixelchain import plots, runtime
+
+# name -> (model, hyperparameters, training settings). Sizes follow the papers where they give
+# them for binarized MNIST, else are chosen to train in minutes on one GPU.
+PRESETS = {
+    "fvsbn": ("fvsbn", {}, {"batch_size": 100, "lr": 3e-3, "lr_decay": 0.95, "weight_decay": 0.0}),
+    "nade": ("nade", {"hidden": 500}, {"batch_size": 100, "lr": 2e-3, "lr_decay": 0.98}),
+    "made": ("made", {"hidden": (500,), "num_masks": 1}, {"batch_size": 100, "lr": 2e-3, "lr_decay": 0.98}),
+    "made_32_masks": ("made", {"hidden": (500,), "num_masks": 32}, {"batch_size": 100, "lr": 2e-3, "lr_decay": 0.99}),
+    "pixelcnn": ("pixelcnn", {"channels": 64, "num_blocks": 12, "head_channels": 64},
+                 {"batch_size": 64, "lr": 1e-3, "lr_decay": 0.96}),
+    "gated_pixelcnn": ("gated_pixelcnn", {"channels": 64, "num_layers": 10, "head_channels": 64},
+                       {"batch_size": 64, "lr": 1e-3, "lr_decay": 0.96}),
+    "pixelcnn_pp": ("pixelcnn_pp", {"channels": 32, "num_resnet": 2, "num_scales": 3, "num_mixtures": 1,
+                                    "dropout": 0.2}, {"batch_size": 64, "lr": 1e-3, "lr_decay": 0.97}),
+    "row_lstm": ("row_lstm", {"channels": 32, "num_layers": 7}, {"batch_size": 128, "lr": 2e-3, "lr_decay": 0.96}),
+    "diagonal_bilstm": ("diagonal_bilstm", {"channels": 32, "num_layers": 7},
+                        {"batch_size": 128, "lr": 2e-3, "lr_decay": 0.96}),
+    "transformer": ("transformer", {"dim": 128, "num_layers": 6, "num_heads": 4, "dropout": 0.1},
+                    {"batch_size": 64, "lr": 5e-4, "lr_decay": 0.96, "grad_clip": 1.0}),
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("preset", choices=sorted(PRESETS))
+    parser.add_argument("--runs-dir", default="runs/bench")
+    parser.add_argument("--max-time", type=float, default=600.0, help="training seconds (this session)")
+    parser.add_argument("--epochs", type=int, default=1000)
+    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--limit", type=int, help="use only this many images per split (smoke tests)")
+    args = parser.parse_args(argv)
+
+    runtime.configure_allocator()
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
+    device = runtime.pick_device(args.device)
+    name, hparams, settings = PRESETS[args.preset]
+    train, valid, test = (pc.data.load("binarized_mnist", s) for s in ("train", "valid", "test"))
+    if args.limit:
+        train, valid, test = (d.subset(slice(0, args.limit)) for d in (train, valid, test))
+    torch.manual_seed(0)
+    model = pc.create(name, train.image_shape, train.num_levels, **hparams).to(device)
+    run_dir = Path(args.runs_dir) / args.preset
+    already = 0.0
+    if args.resume:
+        with open(run_dir / "metrics.jsonl") as f:
+            lines = f.read().splitlines()
+        already = json.loads(lines[-1])["time"] if lines else 0.0
+    start = time.perf_counter()
+    summary = pc.fit(
+        model, train, valid, run_dir=run_dir, epochs=args.epochs, patience=args.patience,
+        max_time=already + args.max_time, amp=args.amp, resume=args.resume, progress=sys.stdout.isatty(),
+        info={"dataset": {"name": "binarized_mnist"}, "preset": args.preset}, monitor={"test": test}, **settings,
+    )
+    test_metrics = pc.evaluate(model, test)
+    params = sum(p.numel() for p in model.parameters())
+    result = {
+        "preset": args.preset, "model": name, "hparams": hparams, "train": settings, "parameters": params,
+        "test_nll": test_metrics["nll"], "test_bits_per_dim": test_metrics["bits_per_dim"],
+        "best_valid_nll": summary["best_valid"], "epochs": summary["epoch"], "steps": summary["step"],
+        "train_seconds": summary["elapsed"], "images_per_s": summary["images_per_s"],
+        "finished": summary["finished"], "amp": args.amp,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(run_dir / "test_metrics.json", "w") as f:
+        json.dump(test_metrics, f)
+    print(f"{args.preset}: test NLL {result['test_nll']:.2f} nats after {summary['epoch']} epochs, "
+          f"{summary['elapsed']:.0f} s ({params:,} parameters, {time.perf_counter() - start:.0f} s this run)")
+    if not args.no_figures:
+        g = torch.Generator(device).manual_seed(0)
+        model.eval()
+        plots.save_samples(model.sample(64, generator=g), 2, run_dir / "samples.png")
+        x = test.images[:8].to(device)
+        observed = plots.bottom_half_occluded(x)
+        done = model.complete(x.repeat_interleave(4, 0), observed.repeat_interleave(4, 0), generator=g)
+        plots.save_completions(x, observed, done.view(8, 4, *x.shape[1:]), 2, run_dir / "completions.png")
+    assert math.isfinite(result["test_nll"])
+    return result
+
+
+if __name__ == "__main__":
+    main()
