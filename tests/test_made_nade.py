@@ -111,3 +111,16 @@ def test_nade_k_way_matches_explicit_loop():
         logits = h @ model.V[d].t() + model.b[d]
         expected.append(logits.log_softmax(-1).gather(1, model.raster(x)[:, d : d + 1]).squeeze(1))
     torch.testing.assert_close(model.log_prob(x), torch.stack(expected, 1).sum(1))
+
+
+def test_nade_custom_backward_matches_autograd():
+    from pixelchain.models.nade import NADEParams, exclusive_cumsum
+
+    torch.manual_seed(0)
+    x = torch.randn(70, 3, 4, dtype=torch.float64)
+    zero = torch.zeros(1, 3, 4, dtype=torch.float64)
+    torch.testing.assert_close(exclusive_cumsum(x, block=8), torch.cat([zero, x.cumsum(0)[:-1]]))
+    torch.testing.assert_close(exclusive_cumsum(x, reverse=True, block=8), x.flip(0).cumsum(0).flip(0) - x)
+    v = torch.rand(5, 7, dtype=torch.float64)
+    params = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((7, 4), (4,), (7, 3, 4), (7, 3))]
+    assert torch.autograd.gradcheck(lambda W, c, V, b: NADEParams.apply(v, W, c, V, b, 2), params)

@@ -3,7 +3,11 @@
     a_d = c + W[:, <d] x_<d,    h_d = sigmoid(a_d),    params_d = b_d + V_d h_d
 
 The pre-activations of all D conditionals are one exclusive cumulative sum over dimensions,
-O(D * H) per image with no loop; decoding keeps the running pre-activation, O(H) per step.
+O(D * H) per image with no loop over dimensions; decoding keeps the running pre-activation,
+O(H) per step. The [B, D, H] hidden states are never stored: a custom autograd function runs a few
+images at a time (their states fit in the CPU cache) and recomputes them in the backward pass.
+On our 2-core machine that trains ~4x faster than autograd through [B, D, H] tensors, which
+streams them through memory (130 vs ~500 images/s at H = 500, batch 128).
 """
 
 from __future__ import annotations
@@ -16,6 +20,57 @@ from ..decode import Decoder
 from ..heads import default_head
 from . import register
 from .base import AutoregressiveModel
+
+
+def exclusive_cumsum(x: Tensor, reverse: bool = False, block: int = 16) -> Tensor:
+    """sum_{j<d} x_j (or sum_{j>d} x_j when ``reverse``) along dim 0 of x [D, ...].
+
+    Computed as triangular matrix products within blocks of ``block`` dims plus a cumulative sum
+    of block totals: on CPUs torch.cumsum over an outer dim is a scalar loop, the products run at
+    matmul speed. The triangle's zero diagonal keeps x_d out of its own sum exactly.
+    """
+    D, n = x.shape[0], -(-x.shape[0] // block)
+    blocks = F.pad(x.reshape(D, -1), (0, 0, 0, n * block - D)).view(n, block, -1)
+    triangle = torch.ones(block, block, dtype=x.dtype, device=x.device)
+    triangle = triangle.triu(1) if reverse else triangle.tril(-1)
+    totals = blocks.sum(dim=1)  # [n, N]
+    if reverse:
+        offsets = F.pad(totals[1:].flip(0).cumsum(0).flip(0), (0, 0, 0, 1))
+    else:
+        offsets = F.pad(totals[:-1], (0, 0, 1, 0)).cumsum(0)
+    return (triangle @ blocks + offsets.unsqueeze(1)).view(n * block, *x.shape[1:])[:D]
+
+
+def hidden_states(v: Tensor, W: Tensor, c: Tensor) -> Tensor:
+    """h_d = sigmoid(c + sum_{j<d} v_j W_j) for all d, dimension-major: v [B, D], W [D, H] -> [D, B, H]."""
+    return torch.sigmoid(c + exclusive_cumsum(v.t().unsqueeze(-1) * W.unsqueeze(1)))
+
+
+class NADEParams(torch.autograd.Function):
+    """params [B, D, p] = V_d h_d + b_d with h = hidden_states(v, W, c), computed ``chunk`` images
+    at a time and recomputed (not stored) for the backward pass. V [D, p, H], b [D, p]."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, W: Tensor, c: Tensor, V: Tensor, b: Tensor, chunk: int) -> Tensor:
+        ctx.save_for_backward(v, W, c, V)
+        ctx.chunk = chunk
+        Vt = V.transpose(1, 2)  # [D, H, p]
+        out = [torch.bmm(hidden_states(vc, W, c), Vt).transpose(0, 1) for vc in v.split(chunk)]
+        return torch.cat(out) + b
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        v, W, c, V = ctx.saved_tensors
+        dW, dc, dV = torch.zeros_like(W), torch.zeros_like(c), torch.zeros_like(V)
+        for vc, gc in zip(v.split(ctx.chunk), grad.split(ctx.chunk), strict=True):
+            h = hidden_states(vc, W, c)  # [D, b, H]
+            g = gc.transpose(0, 1).contiguous()  # [D, b, p]
+            dV += torch.bmm(g.transpose(1, 2), h)
+            da = torch.bmm(g, V) * h * (1 - h)
+            dc += da.sum(dim=(0, 1))
+            # a_d depends on W_j for j < d: dW_j = sum_b v_bj * sum_{d > j} da_bd
+            dW += (vc.t().unsqueeze(-1) * exclusive_cumsum(da, reverse=True)).sum(1)
+        return None, dW, dc, dV, grad.sum(0), None
 
 
 @register("nade")
@@ -36,10 +91,9 @@ class NADE(AutoregressiveModel):
         return torch.einsum("bnh,nph->bnp", h, self.V[dims]) + self.b[dims]
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
-        contributions = self.raster(self.unit(x)).unsqueeze(-1) * self.W  # [B, D, hidden]
-        # Exclusive cumulative sum: a_d sums dims < d only (shift, then sum: x_d never enters a_d).
-        a = self.c + F.pad(contributions[:, :-1], (0, 0, 1, 0)).cumsum(dim=1)
-        return self.unraster(self.outputs(torch.sigmoid(a)))  # [B, D, p] -> [B, P, H, W]
+        chunk = max(1, (1 << 19) // self.W.numel())  # images whose [D, H] states fill <= 2 MB
+        params = NADEParams.apply(self.raster(self.unit(x)), self.W, self.c, self.V, self.b, chunk)
+        return self.unraster(params)  # [B, D, p] -> [B, P, H, W]
 
     def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
         return NADEDecoder(self, x, labels)
