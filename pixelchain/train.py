@@ -316,7 +316,8 @@ def fit(
             elif main and run_dir is not None:
                 save_weights(model, run_dir / WEIGHTS)
             for name, dataset in (monitor or {}).items():
-                record.update({f"{name}_{k}": v for k, v in evaluate(model, dataset, eval_batch_size).items() if k != "n"})
+                extra = evaluate(model, dataset, eval_batch_size)
+                record.update({f"{name}_{k}": v for k, v in extra.items() if k != "n"})
             log(record)
             state["finished"] = state["finished"] or state["epoch"] >= epochs
             checkpoint()
