@@ -109,11 +109,11 @@ def cmd_train(args) -> None:
         max_time=args.max_time, checkpoint_seconds=args.checkpoint_seconds, seed=args.seed,
         compile=args.compile, amp=args.amp, resume=args.resume, info={"dataset": dataset},
     )
+    test_metrics = evaluate(model, load_split(dataset, "test"))  # sharded: every process takes part
     if rank != 0:
         return
     print(f"trained {summary['step']} steps in {summary['elapsed']:.0f} s ({summary['images_per_s']:.0f} images/s)"
           + ("" if summary["finished"] else "; not finished: run again with --resume to continue"))
-    test_metrics = evaluate(model, load_split(dataset, "test"))
     print(report(test_metrics, "test"))
     with open(run_dir / "test_metrics.json", "w") as f:
         json.dump(test_metrics, f)

@@ -163,7 +163,8 @@ def fit(
         run_dir: where config, weights, trainer state and metrics go (None: nothing written).
         epochs: passes over ``train``; ``lr_decay`` multiplies the learning rate after each.
         patience: stop after this many evaluations without a better validation NLL.
-        max_steps, max_time: stop (resumably) after this many optimiser steps / seconds.
+        max_steps: stop (resumably) once the run has taken this many optimiser steps in all.
+        max_time: stop (resumably) after this many seconds of this call (resumed runs get more).
         checkpoint_seconds: at most this much training is lost when the process is killed.
         compile: train through ``torch.compile``; ``amp``: bfloat16 autocast on CUDA.
         resume: continue the run in ``run_dir`` from its trainer state.
@@ -233,8 +234,10 @@ def fit(
     flag = {"stop": False}
     best = None  # in-memory copy of the best weights
 
+    session_start = time.perf_counter()
+
     def should_stop() -> bool:
-        return (flag["stop"] or (max_time is not None and state["elapsed"] >= max_time)
+        return (flag["stop"] or (max_time is not None and time.perf_counter() - session_start >= max_time)
                 or (max_steps is not None and state["step"] >= max_steps))
     start, last_checkpoint = time.perf_counter() - state["elapsed"], time.perf_counter()
     model.train()

@@ -154,3 +154,18 @@ def test_input_checks(name):
         model.log_prob(good - 1)
     with pytest.raises(ValueError, match="observed"):
         model.complete(good, torch.ones(2, 1, 2, 3))  # not bool
+
+
+@pytest.mark.parametrize("name", DENSITY_MODELS)
+def test_purification_stays_in_its_window_on_both_paths(name):
+    """PixelDefend's policy: each value becomes the most likely one within +-radius of the input's."""
+    from pixelchain.decode import MostLikelyInWindow
+
+    image_shape, K = (3, 3, 2), max(TINY[name][1])
+    model = build(name, image_shape, K)
+    x = random_images(2, image_shape, K)
+    cached = decode(model, x, MostLikelyInWindow(x, 1))
+    naive = decode(model, x, MostLikelyInWindow(x, 1), naive=True)
+    assert torch.equal(cached, naive)
+    assert (cached - x).abs().max() <= 1
+    assert torch.equal(decode(model, x, MostLikelyInWindow(x, 0)), x)  # radius 0 changes nothing

@@ -1,0 +1,75 @@
+"""The first chapter's models on real data, trained on this CPU.
+
+    python -m benchmarks.fully_visible --runs-dir runs/bench_fv [--max-time 1200]
+
+* ``fvsbn`` on Caltech-101 Silhouettes (28x28 split 1): test NLL in nats;
+* ``fully_visible`` (K = 256 softmax per pixel, W_d in R^{256 x d}) on MNIST: nats and bits/dim;
+* ``logistic_regression`` on MNIST: test accuracy (target >= 92%).
+(FVSBN on static binarized MNIST comes from train_bmnist.py.) Writes BENCHMARKS.md's
+"fully_visible" section; each run is resumable (``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import pixelchain as pc
+from benchmarks.common import machine, write_section
+from pixelchain import runtime
+
+RUNS = {
+    "fvsbn_caltech": ("fvsbn", "caltech101_silhouettes", {}, {"batch_size": 50, "lr": 3e-3, "lr_decay": 0.97,
+                                                             "weight_decay": 1e-3}),
+    "fully_visible_mnist": ("fully_visible", "mnist", {}, {"batch_size": 100, "lr": 1e-3, "lr_decay": 0.9}),
+    "logistic_regression_mnist": ("logistic_regression", "mnist", {"num_classes": 10},
+                                  {"batch_size": 100, "lr": 1e-3, "lr_decay": 0.9}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs-dir", default="runs/bench_fv")
+    parser.add_argument("--max-time", type=float, default=1200.0, help="seconds per run in this call")
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--only", nargs="+", choices=sorted(RUNS))
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    runtime.configure_allocator()
+    for label in args.only or RUNS:
+        name, dataset, hparams, settings = RUNS[label]
+        train, valid, test = (pc.data.load(dataset, s) for s in ("train", "valid", "test"))
+        torch.manual_seed(0)
+        model = pc.create(name, train.image_shape, train.num_levels, **hparams)
+        run_dir = Path(args.runs_dir) / label
+        start = time.perf_counter()
+        summary = pc.fit(model, train, valid, run_dir=run_dir, epochs=args.epochs, patience=8,
+                         max_time=args.max_time, resume=args.resume, progress=False,
+                         info={"dataset": {"name": dataset}}, **settings)
+        metrics = pc.evaluate(model, test)
+        result = {"run": label, "model": name, "dataset": dataset, "train": settings, "test": metrics,
+                  "epochs": summary["epoch"], "finished": summary["finished"], "train_seconds": summary["elapsed"],
+                  "parameters": sum(p.numel() for p in model.parameters())}
+        (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(label, metrics, f"{time.perf_counter() - start:.0f} s", flush=True)
+
+    rows = ["| run | dataset | test | epochs | training time |", "|---|---|---|---|---|"]
+    for label in RUNS:
+        path = Path(args.runs_dir) / label / "result.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        m = r["test"]
+        score = (f"accuracy **{m['accuracy']:.2%}**, NLL {m['nll']:.3f} nats" if "accuracy" in m
+                 else f"**{m['nll']:.2f} nats**, {m['bits_per_dim']:.3f} bits/dim")
+        note = "" if r["finished"] else " (time budget reached; resumable)"
+        rows.append(f"| {label} | {r['dataset']} | {score} | {r['epochs']}{note} | {r['train_seconds'] / 60:.1f} min |")
+    write_section("fully_visible", f"Machine: {machine()}.\n\n" + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

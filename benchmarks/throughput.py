@@ -1,0 +1,88 @@
+"""Training and evaluation throughput at pytorch-generative's architectures, on this CPU.
+
+    MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=134217728 python -m benchmarks.throughput
+
+Train = forward + backward + Adam step on a batch of 128 binary 28x28 images, as ``pc.fit`` does
+it; eval = ``log_prob`` of the batch without gradients. Median of ``--repeats`` after warm-up.
+The peer figures come from ../shared/peers.md (measured on this machine with the same allocator
+setting; noise about +-20%, so only clear ratios mean something). Writes BENCHMARKS.md's
+"throughput" section.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import pixelchain as pc
+from benchmarks.common import machine, median_time, write_section
+from pixelchain import runtime
+
+# label -> (our model, hyperparameters, peer params, peer train img/s, peer eval img/s)
+ROWS = {
+    "NADE, hidden 500": ("nade", {"hidden": 500}, 785_284, 374, 2_145),
+    "MADE, hidden [8000], 1 mask": ("made", {"hidden": (8000,)}, 12_552_784, 1_842, 5_448),
+    "FVSBN, 784 conditionals": ("fvsbn", {}, 307_721, 2_063, 13_125),
+    "PixelCNN, 15 blocks, 16 channels, head 32": (
+        "pixelcnn", {"channels": 16, "num_blocks": 15, "head_channels": 32}, 53_569, 331, 1_126),
+    "Gated PixelCNN, 10 layers, 128 channels, head 32": (
+        "gated_pixelcnn", {"channels": 128, "num_layers": 10, "head_channels": 32}, 3_364_161, 7.1, 34),
+    "Transformer (ImageGPT), 8 blocks, 2 heads, 64 channels": (
+        "transformer", {"dim": 64, "num_layers": 8, "num_heads": 2}, 401_489, 4.6, 12.2),
+}
+
+
+def effective_parameters(model: torch.nn.Module) -> int:
+    """Parameters that can be non-zero: masked-out weights are stored but never used."""
+    total = 0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            mask = getattr(module, "mask", None) if name == "weight" else None
+            total += int(mask.expand_as(p).count_nonzero()) if mask is not None else p.numel()
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", nargs="+", help="substrings of the row labels to run")
+    args = parser.parse_args()
+    runtime.configure_allocator()
+
+    lines = ["| architecture | ours: parameters (used) | peer parameters | ours train img/s | peer train img/s "
+             "| ratio | ours eval img/s | peer eval img/s | ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, (name, hparams, peer_params, peer_train, peer_eval) in ROWS.items():
+        if args.rows and not any(r.lower() in label.lower() for r in args.rows):
+            continue
+        torch.manual_seed(0)
+        model = pc.create(name, (1, 28, 28), 2, **hparams)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        x = torch.randint(0, 2, (args.batch, 1, 28, 28))
+
+        def train_step():
+            loss = -model.log_likelihood(model(x), x).mean()  # noqa: B023
+            optimizer.zero_grad(set_to_none=True)  # noqa: B023
+            loss.backward()
+            optimizer.step()  # noqa: B023
+
+        def eval_step():
+            with torch.no_grad():
+                model.log_prob(x)  # noqa: B023
+
+        model.train()
+        train = args.batch / median_time(train_step, args.repeats, warmup=2)
+        model.eval()
+        evaluation = args.batch / median_time(eval_step, args.repeats, warmup=1)
+        params = sum(p.numel() for p in model.parameters())
+        lines.append(f"| {label} | {params:,} ({effective_parameters(model):,}) | {peer_params:,} | {train:,.1f} "
+                     f"| {peer_train:,} | {train / peer_train:.2f}× | {evaluation:,.1f} | {peer_eval:,} "
+                     f"| {evaluation / peer_eval:.2f}× |")
+        print(lines[-1], flush=True)
+    write_section("throughput", f"Machine: {machine()}. Batch {args.batch}, median of {args.repeats} after "
+                  "warm-up.\n\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
