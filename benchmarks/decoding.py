@@ -19,9 +19,9 @@ import time
 import torch
 
 import pixelchain as pc
-from pixelchain import runtime
 from benchmarks.common import machine, median_time, write_section
 from benchmarks.train_bmnist import PRESETS
+from pixelchain import runtime
 from pixelchain.decode import NaiveDecoder, Sample
 
 PEER_SIZES = {
@@ -58,8 +58,8 @@ def main() -> None:
     configs.update(PEER_SIZES)
     if args.models:
         configs = {k: v for k, v in configs.items() if k in args.models}
-    rows = ["| model | batch | forward (s) | naive (s, extrapolated) | cached (s) | speedup | cached / forward | target at 64 |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | batch | forward (s) | naive (s, extrapolated) | cached (s) | speedup | cached / forward "
+            "| target at 64 |", "|---|---|---|---|---|---|---|---|"]
     for label, (name, hparams) in configs.items():
         torch.manual_seed(0)
         model = pc.create(name, (1, 28, 28), 2, **hparams).eval()

@@ -38,8 +38,8 @@ def main() -> None:
     parser.add_argument("--notes", default="", help="markdown appended under the table")
     args = parser.parse_args()
     runs = sorted(p.parent for p in Path(args.runs_dir).glob("*/result.json"))
-    rows = ["| run | model | architecture | parameters | test NLL (nats) | published | epochs | training time | device |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | model | architecture | parameters | test NLL (nats) | published | epochs | training time "
+            "| device |", "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         r = json.loads((run / "result.json").read_text())
         arch = ", ".join(f"{k}={v}" for k, v in r["hparams"].items()) or "-"

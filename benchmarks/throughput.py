@@ -4,6 +4,8 @@
 
 Train = forward + backward + Adam step on a batch of 128 binary 28x28 images, as ``pc.fit`` does
 it; eval = ``log_prob`` of the batch without gradients. Median of ``--repeats`` after warm-up.
+Convolutional and attention models are also timed through ``torch.compile`` (``pc.fit(compile=
+True)``, ``pixelchain train --compile``), in the same run, after the compilation warm-up.
 The peer figures come from ../shared/peers.md (measured on this machine with the same allocator
 setting; noise about +-20%, so only clear ratios mean something). Writes BENCHMARKS.md's
 "throughput" section.
@@ -19,6 +21,7 @@ import pixelchain as pc
 from benchmarks.common import machine, median_time, write_section
 from pixelchain import runtime
 
+COMPILED = {"pixelcnn", "gated_pixelcnn", "transformer"}
 # label -> (our model, hyperparameters, peer params, peer train img/s, peer eval img/s)
 ROWS = {
     "NADE, hidden 500": ("nade", {"hidden": 500}, 785_284, 374, 2_145),
@@ -51,8 +54,8 @@ def main() -> None:
     args = parser.parse_args()
     runtime.configure_allocator()
 
-    lines = ["| architecture | ours: parameters (used) | peer parameters | ours train img/s | peer train img/s "
-             "| ratio | ours eval img/s | peer eval img/s | ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| architecture | mode | ours: parameters (used) | peer parameters | ours train img/s | peer train img/s "
+             "| ratio | ours eval img/s | peer eval img/s | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, (name, hparams, peer_params, peer_train, peer_eval) in ROWS.items():
         if args.rows and not any(r.lower() in label.lower() for r in args.rows):
             continue
@@ -60,26 +63,28 @@ def main() -> None:
         model = pc.create(name, (1, 28, 28), 2, **hparams)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         x = torch.randint(0, 2, (args.batch, 1, 28, 28))
-
-        def train_step():
-            loss = -model.log_likelihood(model(x), x).mean()  # noqa: B023
-            optimizer.zero_grad(set_to_none=True)  # noqa: B023
-            loss.backward()
-            optimizer.step()  # noqa: B023
-
-        def eval_step():
-            with torch.no_grad():
-                model.log_prob(x)  # noqa: B023
-
-        model.train()
-        train = args.batch / median_time(train_step, args.repeats, warmup=2)
-        model.eval()
-        evaluation = args.batch / median_time(eval_step, args.repeats, warmup=1)
         params = sum(p.numel() for p in model.parameters())
-        lines.append(f"| {label} | {params:,} ({effective_parameters(model):,}) | {peer_params:,} | {train:,.1f} "
-                     f"| {peer_train:,} | {train / peer_train:.2f}× | {evaluation:,.1f} | {peer_eval:,} "
-                     f"| {evaluation / peer_eval:.2f}× |")
-        print(lines[-1], flush=True)
+        for mode in ["eager", "compiled"] if name in COMPILED else ["eager"]:
+            net = torch.compile(model) if mode == "compiled" else model
+
+            def train_step():
+                loss = -model.log_likelihood(net(x), x).mean()  # noqa: B023
+                optimizer.zero_grad(set_to_none=True)  # noqa: B023
+                loss.backward()
+                optimizer.step()  # noqa: B023
+
+            def eval_step():
+                with torch.no_grad():
+                    model.log_likelihood(net(x), x)  # noqa: B023
+
+            model.train()
+            train = args.batch / median_time(train_step, args.repeats, warmup=2)
+            model.eval()
+            evaluation = args.batch / median_time(eval_step, args.repeats, warmup=2)
+            lines.append(f"| {label} | {mode} | {params:,} ({effective_parameters(model):,}) | {peer_params:,} "
+                         f"| {train:,.1f} | {peer_train:,} | {train / peer_train:.2f}× | {evaluation:,.1f} "
+                         f"| {peer_eval:,} | {evaluation / peer_eval:.2f}× |")
+            print(lines[-1], flush=True)
     write_section("throughput", f"Machine: {machine()}. Batch {args.batch}, median of {args.repeats} after "
                   "warm-up.\n\n" + "\n".join(lines))
 

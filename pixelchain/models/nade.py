@@ -64,7 +64,7 @@ class NADEParams(torch.autograd.Function):
         dW, dc, dV = torch.zeros_like(W), torch.zeros_like(c), torch.zeros_like(V)
         for vc, gc in zip(v.split(ctx.chunk), grad.split(ctx.chunk), strict=True):
             h = hidden_states(vc, W, c)  # [D, b, H]
-            g = gc.transpose(0, 1).contiguous()  # [D, b, p]
+            g = gc.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # [D, b, p], fresh strides
             dV += torch.bmm(g.transpose(1, 2), h)
             da = torch.bmm(g, V) * h * (1 - h)
             dc += da.sum(dim=(0, 1))
