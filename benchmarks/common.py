@@ -14,6 +14,11 @@ import torch
 
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 PEER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "134217728"}
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Benchmarks read the local dataset copies (../shared/data) unless PIXELCHAIN_DATA says otherwise.
+if "PIXELCHAIN_DATA" not in os.environ and SHARED_DATA.is_dir():
+    os.environ["PIXELCHAIN_DATA"] = str(SHARED_DATA)
 
 
 def machine() -> str:

@@ -2,7 +2,7 @@
 
     MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=134217728 python -m benchmarks.decoding
 
-For each model (the benchmarked bMNIST architectures, plus PixelCNN and Gated PixelCNN at
+For each model (the shipped bMNIST architectures, plus PixelCNN and Gated PixelCNN at
 pytorch-generative's sizes) and batch size: the wall time of cached sampling (all 784 steps), of
 naive sampling (a full forward pass per step: the first ``--naive-steps`` steps are timed and the
 total extrapolated to 784, as the table says), the speedup, and the cached time in units of one
@@ -24,12 +24,17 @@ from benchmarks.train_bmnist import PRESETS
 from pixelchain import runtime
 from pixelchain.decode import NaiveDecoder, Sample
 
+# One architecture per family: the benchmarked bMNIST presets that ship as checkpoints.
+MODELS = ["fvsbn", "nade", "made", "pixelcnn_cpu", "gated_pixelcnn_cpu", "pixelcnn_pp_cpu", "row_lstm_cpu",
+          "diagonal_bilstm_cpu", "transformer_cpu"]
 PEER_SIZES = {
     "pixelcnn (peer size)": ("pixelcnn", {"channels": 16, "num_blocks": 15, "head_channels": 32}),
     "gated_pixelcnn (peer size)": ("gated_pixelcnn", {"channels": 128, "num_layers": 10, "head_channels": 32}),
 }
 TARGETS = {"gated_pixelcnn": "≥ 30×, ≤ 10 units", "pixelcnn": "≥ 30×, ≤ 10 units", "nade": "≥ 100×",
-           "transformer": "≥ 10×"}
+           "transformer": "≥ 10×"}  # by model family (the targets at batch 64)
+# pytorch-generative sampling 64 binary 28x28 images at these sizes (../shared/peers.md, this machine)
+PEER_SAMPLE_64 = {"nade": "0.06", "pixelcnn (peer size)": "48.0", "gated_pixelcnn (peer size)": "~1,422"}
 
 
 def naive_seconds(model, batch: int, steps: int) -> float:
@@ -53,13 +58,12 @@ def main() -> None:
     args = parser.parse_args()
     runtime.configure_allocator()
 
-    configs = {name: (model, hparams) for name, (model, hparams, _) in PRESETS.items()
-               if name not in ("fvsbn_l2", "made_32_masks")}
+    configs = {name: PRESETS[name][:2] for name in MODELS}
     configs.update(PEER_SIZES)
     if args.models:
         configs = {k: v for k, v in configs.items() if k in args.models}
     rows = ["| model | batch | forward (s) | naive (s, extrapolated) | cached (s) | speedup | cached / forward "
-            "| target at 64 |", "|---|---|---|---|---|---|---|---|"]
+            "| target at 64 | peer sampler at 64 (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for label, (name, hparams) in configs.items():
         torch.manual_seed(0)
         model = pc.create(name, (1, 28, 28), 2, **hparams).eval()
@@ -72,9 +76,9 @@ def main() -> None:
                 timed(lambda: model.sample(batch, generator=torch.Generator().manual_seed(0)))  # noqa: B023
                 for _ in range(2)
             )
-            target = TARGETS.get(label, "") if batch == 64 else ""
+            target, peer = (TARGETS.get(name, ""), PEER_SAMPLE_64.get(label, "")) if batch == 64 else ("", "")
             rows.append(f"| {label} | {batch} | {forward:.4f} | {naive:.1f} | {cached:.2f} | {naive / cached:.0f}× "
-                        f"| {cached / forward:.1f} | {target} |")
+                        f"| {cached / forward:.1f} | {target} | {peer} |")
             print(rows[-1], flush=True)
     body = (f"Machine: {machine()}.\n\nNaive = one full forward pass per step (first {args.naive_steps} steps "
             "timed, scaled to 784); cached = the model's incremental decoder, all 784 steps.\n\n" + "\n".join(rows))

@@ -29,7 +29,7 @@ def curve(run: Path, points: int = 8) -> str:
     cells = [f"{r['time'] / 60:.0f} min: {r['valid_nll']:.2f} / {r.get('test_nll', float('nan')):.2f}"
              for r in shown]
     return f"- **{run.name}** (epoch: valid / test nats): " + "; ".join(
-        f"ep {r['epoch']} at {c}" for r, c in zip(shown, cells, strict=True))
+        f"ep {r['epoch']:g} at {c}" for r, c in zip(shown, cells, strict=True))
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Train one benchmark preset on static binarized MNIST, under a time budget, resumably.
 
-    python benchmarks/train_bmnist.py gated_pixelcnn --max-time 480 --runs-dir runs/bench
-    python benchmarks/train_bmnist.py gated_pixelcnn --max-time 480 --runs-dir runs/bench --resume
+    python -m benchmarks.train_bmnist gated_pixelcnn --max-time 480 --runs-dir runs/bench
+    python -m benchmarks.train_bmnist gated_pixelcnn --max-time 480 --runs-dir runs/bench --resume
 
 Each epoch logs validation and test NLL (nats) against training time in metrics.jsonl (the test
 split never steers model selection: the best validation epoch's weights are kept). At the end the
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import pixelchain as pc
+from benchmarks import common  # noqa: F401  (local dataset copies)
 from pixelchain import plots, runtime
 
 # name -> (model, hyperparameters, training settings). Sizes follow the papers where they give
@@ -42,6 +43,18 @@ PRESETS = {
                         {"batch_size": 128, "lr": 2e-3, "lr_decay": 0.96}),
     "transformer": ("transformer", {"dim": 128, "num_layers": 6, "num_heads": 4, "dropout": 0.1},
                     {"batch_size": 64, "lr": 5e-4, "lr_decay": 0.96, "grad_clip": 1.0}),
+    # Small variants that see a few epochs in ~15 minutes of one CPU core (curves, shipped checkpoints).
+    "pixelcnn_cpu": ("pixelcnn", {"channels": 32, "num_blocks": 6, "head_channels": 32},
+                     {"batch_size": 32, "lr": 2e-3, "lr_decay": 0.9}),
+    "gated_pixelcnn_cpu": ("gated_pixelcnn", {"channels": 32, "num_layers": 6, "head_channels": 32},
+                           {"batch_size": 32, "lr": 2e-3, "lr_decay": 0.9}),
+    "pixelcnn_pp_cpu": ("pixelcnn_pp", {"channels": 16, "num_resnet": 1, "num_scales": 3, "num_mixtures": 1,
+                                        "dropout": 0.0}, {"batch_size": 32, "lr": 2e-3, "lr_decay": 0.9}),
+    "row_lstm_cpu": ("row_lstm", {"channels": 16, "num_layers": 3}, {"batch_size": 32, "lr": 2e-3, "lr_decay": 0.9}),
+    "diagonal_bilstm_cpu": ("diagonal_bilstm", {"channels": 16, "num_layers": 3},
+                            {"batch_size": 32, "lr": 2e-3, "lr_decay": 0.9}),
+    "transformer_cpu": ("transformer", {"dim": 32, "num_layers": 3, "num_heads": 2, "dropout": 0.0},
+                        {"batch_size": 32, "lr": 1e-3, "lr_decay": 0.9, "grad_clip": 1.0}),
 }
 
 
@@ -57,6 +70,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-figures", action="store_true")
     parser.add_argument("--limit", type=int, help="use only this many images per split (smoke tests)")
+    parser.add_argument("--eval-every", type=int, help="also evaluate every this many steps (slow models)")
+    parser.add_argument("--curve-images", type=int,
+                        help="score the curve's validation/test points on the first N images of each split "
+                             "(slow models); the final test NLL always uses the whole test split")
     args = parser.parse_args(argv)
 
     runtime.configure_allocator()
@@ -69,11 +86,15 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     model = pc.create(name, train.image_shape, train.num_levels, **hparams).to(device)
     run_dir = Path(args.runs_dir) / args.preset
+    curve_valid, curve_test = valid, test
+    if args.curve_images:
+        curve_valid, curve_test = (d.subset(slice(0, args.curve_images)) for d in (valid, test))
     start = time.perf_counter()
     summary = pc.fit(
-        model, train, valid, run_dir=run_dir, epochs=args.epochs, patience=args.patience,
-        max_time=args.max_time, amp=args.amp, resume=args.resume, progress=sys.stdout.isatty(),
-        info={"dataset": {"name": "binarized_mnist"}, "preset": args.preset}, monitor={"test": test}, **settings,
+        model, train, curve_valid, run_dir=run_dir, epochs=args.epochs, patience=args.patience,
+        max_time=args.max_time, eval_every=args.eval_every, amp=args.amp, resume=args.resume,
+        progress=sys.stdout.isatty(), info={"dataset": {"name": "binarized_mnist"}, "preset": args.preset},
+        monitor={"test": curve_test}, **settings,
     )
     test_metrics = pc.evaluate(model, test)
     params = sum(p.numel() for p in model.parameters())
@@ -82,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         "test_nll": test_metrics["nll"], "test_bits_per_dim": test_metrics["bits_per_dim"],
         "best_valid_nll": summary["best_valid"], "epochs": summary["epoch"], "steps": summary["step"],
         "train_seconds": summary["elapsed"], "images_per_s": summary["images_per_s"],
-        "finished": summary["finished"], "amp": args.amp,
+        "finished": summary["finished"], "amp": args.amp, "curve_images": args.curve_images,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")

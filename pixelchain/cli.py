@@ -106,7 +106,7 @@ def cmd_train(args) -> None:
     summary = fit(
         model, train, valid, run_dir=run_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         lr_decay=args.lr_decay, grad_clip=args.grad_clip, patience=args.patience, max_steps=args.max_steps,
-        max_time=args.max_time, checkpoint_seconds=args.checkpoint_seconds, seed=args.seed,
+        max_time=args.max_time, checkpoint_seconds=args.checkpoint_seconds, eval_every=args.eval_every, seed=args.seed,
         compile=args.compile, amp=args.amp, resume=args.resume, info={"dataset": dataset},
     )
     test_metrics = evaluate(model, load_split(dataset, "test"))  # sharded: every process takes part
@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--max-time", type=float, help="seconds; the run stays resumable")
     p.add_argument("--checkpoint-seconds", type=float, default=60.0)
+    p.add_argument("--eval-every", type=int, help="also evaluate every this many steps inside an epoch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true", help="train through torch.compile")

@@ -148,6 +148,7 @@ def fit(
     max_steps: int | None = None,
     max_time: float | None = None,
     checkpoint_seconds: float = 60.0,
+    eval_every: int | None = None,
     eval_batch_size: int = 256,
     seed: int = 0,
     compile: bool = False,
@@ -166,6 +167,8 @@ def fit(
         max_steps: stop (resumably) once the run has taken this many optimiser steps in all.
         max_time: stop (resumably) after this many seconds of this call (resumed runs get more).
         checkpoint_seconds: at most this much training is lost when the process is killed.
+        eval_every: also evaluate every this many optimiser steps inside an epoch (slow models'
+            curves and early stopping need not wait for an epoch's end).
         compile: train through ``torch.compile``; ``amp``: bfloat16 autocast on CUDA.
         resume: continue the run in ``run_dir`` from its trainer state.
         info: extra entries for config.json (e.g. the dataset name).
@@ -234,6 +237,34 @@ def fit(
     flag = {"stop": False}
     best = None  # in-memory copy of the best weights
 
+    def evaluate_and_log(epoch: float) -> None:
+        """Validation (best weights, early stopping) and monitored splits; one metrics line."""
+        nonlocal best
+        record = {"step": state["step"], "epoch": round(epoch, 4), "train_nll": state["train_nll"],
+                  "time": round(state["elapsed"], 2), "lr": optimizer.param_groups[0]["lr"]}
+        if valid is not None:
+            metrics = evaluate(model, valid, eval_batch_size)
+            record.update({f"valid_{k}": v for k, v in metrics.items() if k != "n"})
+            if state["best_valid"] is None or metrics["nll"] < state["best_valid"]:
+                state["best_valid"], state["bad_evals"] = metrics["nll"], 0
+                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if main and run_dir is not None:
+                    save_weights(model, run_dir / WEIGHTS)
+            else:
+                state["bad_evals"] += 1
+                if patience is not None and state["bad_evals"] >= patience:
+                    state["finished"] = True
+            if main and progress:
+                tqdm.write(f"epoch {epoch:g}: valid NLL {metrics['nll']:.3f} nats"
+                           + (f", {metrics['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in metrics else "")
+                           + (f", accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else ""))
+        elif main and run_dir is not None:
+            save_weights(model, run_dir / WEIGHTS)
+        for name, dataset in (monitor or {}).items():
+            extra = evaluate(model, dataset, eval_batch_size)
+            record.update({f"{name}_{k}": v for k, v in extra.items() if k != "n"})
+        log(record)
+
     session_start = time.perf_counter()
 
     def should_stop() -> bool:
@@ -287,9 +318,13 @@ def fit(
                     stop_t = torch.tensor(float(stop), device=device)
                     dist.all_reduce(stop_t)
                     stop = bool(stop_t.item())
-                if stop or now - last_checkpoint >= checkpoint_seconds:
+                evaluated = bool(eval_every) and state["step"] % eval_every == 0 and b + 1 < len(batches)
+                if evaluated:
+                    evaluate_and_log(epoch + (b + 1) / len(batches))
+                    stop = stop or state["finished"]
+                if stop or evaluated or now - last_checkpoint >= checkpoint_seconds:
                     checkpoint()
-                    last_checkpoint = now
+                    last_checkpoint = time.perf_counter()
                 if stop:
                     break
             bar.close()
@@ -298,30 +333,7 @@ def fit(
             state["epoch"], state["batch"] = epoch + 1, 0
             for group in optimizer.param_groups:
                 group["lr"] *= lr_decay
-            record = {"step": state["step"], "epoch": epoch + 1, "train_nll": running,
-                      "time": round(state["elapsed"], 2), "lr": optimizer.param_groups[0]["lr"]}
-            if valid is not None:
-                metrics = evaluate(model, valid, eval_batch_size)
-                record.update({f"valid_{k}": v for k, v in metrics.items() if k != "n"})
-                if state["best_valid"] is None or metrics["nll"] < state["best_valid"]:
-                    state["best_valid"], state["bad_evals"] = metrics["nll"], 0
-                    best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    if main and run_dir is not None:
-                        save_weights(model, run_dir / WEIGHTS)
-                else:
-                    state["bad_evals"] += 1
-                    if patience is not None and state["bad_evals"] >= patience:
-                        state["finished"] = True
-                if main and progress:
-                    tqdm.write(f"epoch {epoch + 1}: valid NLL {metrics['nll']:.3f} nats"
-                               + (f", {metrics['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in metrics else "")
-                               + (f", accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else ""))
-            elif main and run_dir is not None:
-                save_weights(model, run_dir / WEIGHTS)
-            for name, dataset in (monitor or {}).items():
-                extra = evaluate(model, dataset, eval_batch_size)
-                record.update({f"{name}_{k}": v for k, v in extra.items() if k != "n"})
-            log(record)
+            evaluate_and_log(epoch + 1)
             state["finished"] = state["finished"] or state["epoch"] >= epochs
             checkpoint()
             last_checkpoint = time.perf_counter()

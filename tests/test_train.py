@@ -28,6 +28,23 @@ def weights(run_dir):
     return {k: v for k, v in load_file(str(run_dir / STATE)).items() if k.startswith("model.")}
 
 
+def test_resume_with_evaluations_inside_epochs(digits, tmp_path):
+    """eval_every adds mid-epoch evaluations; an interrupted run still ends like an uninterrupted one."""
+    train, valid = digits
+    kwargs = dict(epochs=2, batch_size=16, lr=3e-3, eval_every=5, progress=False)  # 13 batches per epoch
+    pc.fit(new_model(digits), train, valid, run_dir=tmp_path / "a", **kwargs)
+    pc.fit(new_model(digits), train, valid, run_dir=tmp_path / "b", max_steps=12, **kwargs)
+    pc.fit(new_model(digits), train, valid, run_dir=tmp_path / "b", resume=True, **kwargs)
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10, 13, 15, 20, 25, 26]
+    assert records[0]["epoch"] == pytest.approx(5 / 13, abs=1e-4) and records[2]["epoch"] == 1
+    log_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "time"} for x in lines]  # noqa: E731
+    assert strip(log_b) == strip([json.dumps(r) for r in records])
+    for key, value in weights(tmp_path / "a").items():
+        torch.testing.assert_close(weights(tmp_path / "b")[key], value, rtol=0, atol=0, msg=key)
+
+
 def test_fit_improves_the_likelihood(digits, tmp_path):
     train, valid = digits
     model = new_model(digits, "fully_visible", {})
