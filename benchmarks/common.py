@@ -37,6 +37,15 @@ def machine() -> str:
             f"malloc thresholds {malloc}{gpu}")
 
 
+def matmul_gflops(repeats: int = 20) -> float:
+    """A speed reading of the machine right now: fp32 GFLOP/s of a [128, 784] x [784, 8000] matmul
+    (MADE's first layer at pytorch-generative's size). Shared, noisy machines vary by 2x and more
+    between hours; figures measured at different times compare only through such a reading."""
+    a, w = torch.randn(128, 784), torch.randn(784, 8000)
+    seconds = median_time(lambda: a @ w, repeats, warmup=3)
+    return 2 * 128 * 784 * 8000 / seconds / 1e9
+
+
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> float:
     """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):

@@ -18,7 +18,7 @@ import argparse
 import torch
 
 import pixelchain as pc
-from benchmarks.common import machine, median_time, write_section
+from benchmarks.common import machine, matmul_gflops, median_time, write_section
 from pixelchain import runtime
 
 COMPILED = {"pixelcnn", "gated_pixelcnn", "transformer"}
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", help="substrings of the row labels to run")
     args = parser.parse_args()
     runtime.configure_allocator()
+    before = matmul_gflops()
 
     lines = ["| architecture | mode | ours: parameters (used) | peer parameters | ours train img/s | peer train img/s "
              "| ratio | ours eval img/s | peer eval img/s | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -85,8 +86,10 @@ def main() -> None:
                          f"| {train:,.1f} | {peer_train:,} | {train / peer_train:.2f}× | {evaluation:,.1f} "
                          f"| {peer_eval:,} | {evaluation / peer_eval:.2f}× |")
             print(lines[-1], flush=True)
+    after = matmul_gflops()
     write_section("throughput", f"Machine: {machine()}. Batch {args.batch}, median of {args.repeats} after "
-                  "warm-up.\n\n" + "\n".join(lines))
+                  f"warm-up. Reference matmul (``benchmarks.common.matmul_gflops``): {before:.0f} GFLOP/s before "
+                  f"the rows, {after:.0f} after.\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

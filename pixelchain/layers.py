@@ -91,6 +91,11 @@ class CausalConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.cache is not None:
             return self.cache(x)
+        if self.kernel_size == (1, 1) and x.shape[2] == x.shape[3] == 1 and not any(self.causal_padding):
+            # One pixel through a 1 x 1 convolution (cached decoding): a matrix product, not conv2d.
+            weight = self.masked_weight().flatten(1)
+            out = x.flatten(1) @ weight.t() if self.bias is None else torch.addmm(self.bias, x.flatten(1), weight.t())
+            return out.view(len(x), -1, 1, 1)
         top, bottom, left, right = self.causal_padding
         if 0 <= bottom <= top and 0 <= right <= left:
             # Pad symmetrically inside the convolution (no padded copy of x) and keep the leading
@@ -188,27 +193,29 @@ class ConvCache:
         self.kh, self.kw = conv.kernel_size
         weight = conv.masked_weight().detach()
         self.weight = weight
-        self.matrix = weight.flatten(1).t().contiguous()  # [Cin*kh*kw, Cout]
+        self.matrix = weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0])  # [kh*kw*Cin, Cout]
         self.bias = None if conv.bias is None else conv.bias.detach()
         rows, cols = -(-height >> conv.scale), -(-width >> conv.scale)  # ceil(size / 2^scale)
         self.width = cols
-        self.buffer = weight.new_zeros(batch, conv.in_channels, rows + top + bottom, cols + left + right)
+        # Channels last, [B, rows, cols, Cin]: a window is kh*kw runs of Cin contiguous values.
+        self.buffer = weight.new_zeros(batch, rows + top + bottom, cols + left + right, conv.in_channels)
 
     def store(self, i: int, j: int, value: Tensor) -> None:
         """Overwrite the kept input at (i, j) (input level) with ``value`` [B, Cin]."""
-        if i + self.top < self.buffer.shape[2] and j + self.left < self.buffer.shape[3]:  # not cropped
-            self.buffer[:, :, i + self.top, j + self.left] = value
+        if i + self.top < self.buffer.shape[1] and j + self.left < self.buffer.shape[2]:  # not cropped
+            self.buffer[:, i + self.top, j + self.left] = value
 
     def __call__(self, x: Tensor) -> Tensor:
         i, j, s = self.cursor.i, self.cursor.j, self.stride
         r_in, r_out = i >> self.in_level, i >> self.out_level
         if j is None:  # a whole row
-            if r_in + self.top < self.buffer.shape[2]:
-                self.buffer[:, :, r_in + self.top, self.left : self.left + self.width] = x[:, :, 0]
-            return F.conv2d(self.buffer[:, :, s * r_out : s * r_out + self.kh], self.weight, self.bias, s)
+            if r_in + self.top < self.buffer.shape[1]:
+                self.buffer[:, r_in + self.top, self.left : self.left + self.width] = x[:, :, 0].transpose(1, 2)
+            rows = self.buffer[:, s * r_out : s * r_out + self.kh].permute(0, 3, 1, 2)
+            return F.conv2d(rows, self.weight, self.bias, s)
         c_in, c_out = j >> self.in_level, j >> self.out_level
         self.store(r_in, c_in, x[:, :, 0, 0])
-        window = self.buffer[:, :, s * r_out : s * r_out + self.kh, s * c_out : s * c_out + self.kw]
+        window = self.buffer[:, s * r_out : s * r_out + self.kh, s * c_out : s * c_out + self.kw]
         window = window.reshape(len(x), -1)
         out = window @ self.matrix if self.bias is None else torch.addmm(self.bias, window, self.matrix)
         return out.view(len(x), -1, 1, 1)

@@ -1,0 +1,51 @@
+"""Ship the small benchmark checkpoints with the package, and their figures with the docs.
+
+    python -m benchmarks.ship --runs-dir runs/bench --prefix bmnist_ fvsbn nade made ...
+    python -m benchmarks.ship --runs-dir runs/bench_fv --prefix "" fvsbn_caltech logistic_regression_mnist
+
+Copies each run's config.json and model.safetensors (the best-validation weights) into
+pixelchain/checkpoints/PREFIX+RUN/ with result.json (its test figures), so ``pc.load(name)`` and
+``pixelchain sample NAME`` work without training; samples.png and completions.png go to
+docs/figures/PREFIX+RUN_*.png. Refuses runs whose weights exceed ``--max-mb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from pixelchain.checkpoint import CONFIG, PRETRAINED_DIR, WEIGHTS
+
+FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--runs-dir", default="runs/bench")
+    parser.add_argument("--prefix", default="bmnist_")
+    parser.add_argument("--max-mb", type=float, default=8.0)
+    args = parser.parse_args()
+    for run in args.runs:
+        source = Path(args.runs_dir) / run
+        name = args.prefix + run
+        weights = source / WEIGHTS
+        if not (source / "result.json").is_file() or not weights.is_file():
+            raise SystemExit(f"{source}: no result.json / {WEIGHTS}; finish the run first")
+        size = weights.stat().st_size / 2**20
+        if size > args.max_mb:
+            raise SystemExit(f"{source}: {size:.1f} MB of weights is over --max-mb {args.max_mb}")
+        target = PRETRAINED_DIR / name
+        target.mkdir(parents=True, exist_ok=True)
+        for file in (CONFIG, WEIGHTS, "result.json"):
+            shutil.copy(source / file, target / file)
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        for figure in ("samples.png", "completions.png"):
+            if (source / figure).is_file():
+                shutil.copy(source / figure, FIGURES / f"{name}_{figure}")
+        print(f"{name}: {size:.1f} MB -> {target}")
+
+
+if __name__ == "__main__":
+    main()
