@@ -21,6 +21,7 @@ import torch
 import pixelchain as pc
 from benchmarks.common import machine, write_section
 from pixelchain import runtime
+from pixelchain.cli import write_figures
 
 RUNS = {
     "fvsbn_caltech": ("fvsbn", "caltech101_silhouettes", {}, {"batch_size": 50, "lr": 3e-3, "lr_decay": 0.97,
@@ -55,6 +56,8 @@ def main() -> None:
                   "epochs": summary["epoch"], "finished": summary["finished"], "train_seconds": summary["elapsed"],
                   "parameters": sum(p.numel() for p in model.parameters())}
         (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        if model.kind == "density":
+            write_figures(model, {"name": dataset}, run_dir, torch.Generator().manual_seed(0))
         print(label, metrics, f"{time.perf_counter() - start:.0f} s", flush=True)
 
     rows = ["| run | dataset | test | epochs | training time |", "|---|---|---|---|---|"]

@@ -39,16 +39,17 @@ def main() -> None:
     args = parser.parse_args()
     runs = sorted(p.parent for p in Path(args.runs_dir).glob("*/result.json"))
     rows = ["| run | model | architecture | parameters | test NLL (nats) | published | epochs | training time "
-            "| device |", "|---|---|---|---|---|---|---|---|---|"]
+            "| train img/s | device |", "|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         r = json.loads((run / "result.json").read_text())
         arch = ", ".join(f"{k}={v}" for k, v in r["hparams"].items()) or "-"
-        published = PUBLISHED.get(r["preset"])
+        published = PUBLISHED.get(r["preset"], PUBLISHED.get(r["model"]))
         mark = "" if published is None else (" ✓" if r["test_nll"] <= published else "")
         device = r["device"] + (", bf16 autocast" if r.get("amp") else "")
+        epochs = f"{r['steps'] * r['train']['batch_size'] / 50_000:.1f}" + ("" if r["finished"] else " (resumable)")
         rows.append(f"| {r['preset']} | {r['model']} | {arch} | {r['parameters']:,} | **{r['test_nll']:.2f}**{mark} "
-                    f"| {'-' if published is None else published} | {r['epochs']} | {r['train_seconds'] / 60:.0f} min "
-                    f"| {device} |")
+                    f"| {'-' if published is None else published} | {epochs} | {r['train_seconds'] / 60:.0f} min "
+                    f"| {r['images_per_s']:.0f} | {device} |")
     body = "\n".join(rows) + "\n\n" + (args.notes + "\n\n" if args.notes else "")
     body += "NLL against training time (best-validation weights are what the table reports):\n\n"
     body += "\n".join(curve(run) for run in runs)

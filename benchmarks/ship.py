@@ -6,12 +6,14 @@
 Copies each run's config.json and model.safetensors (the best-validation weights) into
 pixelchain/checkpoints/PREFIX+RUN/ with result.json (its test figures), so ``pc.load(name)`` and
 ``pixelchain sample NAME`` work without training; samples.png and completions.png go to
-docs/figures/PREFIX+RUN_*.png. Refuses runs whose weights exceed ``--max-mb``.
+docs/figures/PREFIX+RUN_*.png, indexed with each run's test NLL in docs/figures/README.md.
+Refuses runs whose weights exceed ``--max-mb``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -45,6 +47,23 @@ def main() -> None:
             if (source / figure).is_file():
                 shutil.copy(source / figure, FIGURES / f"{name}_{figure}")
         print(f"{name}: {size:.1f} MB -> {target}")
+    write_index()
+
+
+def write_index() -> None:
+    """docs/figures/README.md: every shipped checkpoint's completions and samples."""
+    lines = ["# Figures of the shipped checkpoints", "",
+             "Written by `python -m benchmarks.ship`. Completions: each row is a test image, the same image "
+             "with its bottom half occluded, then completions sampled by the model (the PixelRNN paper's "
+             "figure). `pixelchain complete NAME` and `pixelchain sample NAME` redraw them.", ""]
+    for name in sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "result.json").is_file()):
+        result = json.loads((PRETRAINED_DIR / name / "result.json").read_text())
+        test = result.get("test_nll", result.get("test", {}).get("nll"))
+        lines.append(f"## {name}\n\n{result.get('model')}, test NLL {test:.2f} nats\n")
+        for figure in ("completions", "samples"):
+            if (FIGURES / f"{name}_{figure}.png").is_file():
+                lines.append(f"![{name} {figure}]({name}_{figure}.png)\n")
+    (FIGURES / "README.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import torch
 
 import pixelchain as pc
 from benchmarks import common  # noqa: F401  (local dataset copies)
-from pixelchain import plots, runtime
+from pixelchain import runtime
+from pixelchain.cli import write_figures
 
 # name -> (model, hyperparameters, training settings). Sizes follow the papers where they give
 # them for binarized MNIST, else are chosen to train in minutes on one GPU.
@@ -112,13 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.preset}: test NLL {result['test_nll']:.2f} nats after {summary['epoch']} epochs, "
           f"{summary['elapsed']:.0f} s ({params:,} parameters, {time.perf_counter() - start:.0f} s this run)")
     if not args.no_figures:
-        g = torch.Generator(device).manual_seed(0)
-        model.eval()
-        plots.save_samples(model.sample(64, generator=g), 2, run_dir / "samples.png")
-        x = test.images[:8].to(device)
-        observed = plots.bottom_half_occluded(x)
-        done = model.complete(x.repeat_interleave(4, 0), observed.repeat_interleave(4, 0), generator=g)
-        plots.save_completions(x, observed, done.view(8, 4, *x.shape[1:]), 2, run_dir / "completions.png")
+        write_figures(model, {"name": "binarized_mnist"}, run_dir, torch.Generator(device).manual_seed(0))
     assert math.isfinite(result["test_nll"])
     return result
 
