@@ -62,8 +62,9 @@ def write_figures(model, dataset: dict, run_dir: Path, generator: torch.Generato
 
 
 def complete(model, test, path: Path, n: int, per_image: int, generator, naive: bool) -> None:
-    x = test.images[:n].to(model.device)
-    labels = None if not getattr(model, "num_classes", None) else test.labels[:n].repeat_interleave(per_image)
+    index = torch.linspace(0, len(test) - 1, n).long()  # spread out: some test splits are sorted by class
+    x = test.images[index].to(model.device)
+    labels = None if not getattr(model, "num_classes", None) else test.labels[index].repeat_interleave(per_image)
     observed = plots.bottom_half_occluded(x)
     repeated = x.repeat_interleave(per_image, 0)
     done = model.complete(repeated, observed.repeat_interleave(per_image, 0), generator=generator,
@@ -128,6 +129,14 @@ def cmd_eval(args) -> None:
     print(report(evaluate(model, load_split(dataset, args.split), progress=True), args.split))
 
 
+def default_output(run: str, filename: str) -> Path:
+    """Figures go into the run directory; for a shipped checkpoint, NAME_FILENAME in the current one."""
+    run_dir = checkpoint.resolve(run)
+    if run_dir.parent == checkpoint.PRETRAINED_DIR:
+        return Path(f"{run_dir.name}_{filename}")
+    return run_dir / filename
+
+
 def cmd_sample(args) -> None:
     device = runtime.pick_device(args.device)
     model = checkpoint.load(args.run, device)
@@ -136,7 +145,7 @@ def cmd_sample(args) -> None:
     samples = model.sample(args.n, generator=torch.Generator(device).manual_seed(args.seed), labels=labels,
                            temperature=args.temperature, naive=args.naive, progress=True)
     elapsed = time.perf_counter() - start
-    out = Path(args.out or checkpoint.resolve(args.run) / "samples.png")
+    out = Path(args.out or default_output(args.run, "samples.png"))
     plots.save_samples(samples, model.num_levels, out)
     print(f"{args.n} samples in {elapsed:.2f} s -> {out}")
 
@@ -145,7 +154,7 @@ def cmd_complete(args) -> None:
     device = runtime.pick_device(args.device)
     model = checkpoint.load(args.run, device)
     test = load_split({"name": args.dataset} if args.dataset else run_dataset(args.run), args.split)
-    out = Path(args.out or checkpoint.resolve(args.run) / "completions.png")
+    out = Path(args.out or default_output(args.run, "completions.png"))
     complete(model, test, out, args.n, args.per_image, torch.Generator(device).manual_seed(args.seed), args.naive)
     print(f"completions of {args.n} {args.split} images, bottom half occluded -> {out}")
 
