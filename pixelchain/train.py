@@ -196,7 +196,7 @@ def fit(
 
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     state = {"step": 0, "epoch": 0, "batch": 0, "best_valid": None, "bad_evals": 0, "elapsed": 0.0,
-             "images": 0, "finished": False, "train_nll": None}
+             "images": 0, "finished": False, "train_nll": None, "evaluated_step": -1}
     if run_dir is not None:
         state_path = run_dir / STATE
         if resume:
@@ -229,9 +229,11 @@ def fit(
                 f.write(json.dumps(record) + "\n")
 
     if main and run_dir is not None and resume and (run_dir / METRICS).exists():
-        # Drop evaluations logged after the checkpoint we resume from: they will be redone.
+        # Drop evaluations the checkpoint we resume from does not hold (logged after it was written,
+        # possibly at its own step): they will be redone.
         lines = (run_dir / METRICS).read_text().splitlines()
-        kept = [line for line in lines if json.loads(line)["step"] <= state["step"]]
+        evaluated = state.get("evaluated_step", state["step"])  # runs from before the field existed
+        kept = [line for line in lines if json.loads(line)["step"] <= evaluated]
         (run_dir / METRICS).write_text("".join(line + "\n" for line in kept))
 
     flag = {"stop": False}
@@ -263,6 +265,7 @@ def fit(
         for name, dataset in (monitor or {}).items():
             extra = evaluate(model, dataset, eval_batch_size)
             record.update({f"{name}_{k}": v for k, v in extra.items() if k != "n"})
+        state["evaluated_step"] = state["step"]
         log(record)
 
     session_start = time.perf_counter()

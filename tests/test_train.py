@@ -45,6 +45,30 @@ def test_resume_with_evaluations_inside_epochs(digits, tmp_path):
         torch.testing.assert_close(weights(tmp_path / "b")[key], value, rtol=0, atol=0, msg=key)
 
 
+def test_killed_between_logging_and_checkpointing_logs_each_evaluation_once(digits, tmp_path, monkeypatch):
+    """A kill after an evaluation is logged but before its checkpoint: resuming redoes it, once."""
+    train, valid = digits
+    kwargs = dict(epochs=3, batch_size=16, checkpoint_seconds=0, progress=False)
+    real_save = pc.train._save_state
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die_after_epoch_1(path, model, optimizer, state):
+        if state["epoch"] == 1 and state["batch"] == 0:  # the checkpoint that follows epoch 1's log line
+            raise Killed
+        real_save(path, model, optimizer, state)
+
+    monkeypatch.setattr(pc.train, "_save_state", save_then_die_after_epoch_1)
+    with pytest.raises(Killed):
+        pc.fit(new_model(digits), train, valid, run_dir=tmp_path / "run", **kwargs)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+    monkeypatch.setattr(pc.train, "_save_state", real_save)
+    pc.fit(new_model(digits), train, valid, run_dir=tmp_path / "run", resume=True, **kwargs)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+
+
 def test_fit_improves_the_likelihood(digits, tmp_path):
     train, valid = digits
     model = new_model(digits, "fully_visible", {})
