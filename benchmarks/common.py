@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from pixelchain import runtime
+
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 PEER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "134217728"}
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -32,7 +34,8 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    malloc = "pinned" if all(os.environ.get(k) == v for k, v in PEER_MALLOC.items()) else "glibc default"
+    pinned = runtime.allocator_pinned() or all(os.environ.get(k) == v for k, v in PEER_MALLOC.items())
+    malloc = "pinned" if pinned else "glibc default"
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"malloc thresholds {malloc}{gpu}")
 
@@ -64,7 +67,11 @@ def write_section(name: str, body: str) -> None:
     """Replace the section ``name`` of BENCHMARKS.md (between its markers) with ``body``, stamped
     with the command that produced it and the date."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    command = " ".join(["python", *sys.argv])
+    script = Path(sys.argv[0])
+    if script.parent == Path(__file__).parent:  # python -m benchmarks.NAME (or the file's path)
+        command = " ".join(["python -m", f"benchmarks.{script.stem}", *sys.argv[1:]])
+    else:
+        command = " ".join(["python", *sys.argv])
     stamp = f"_Measured {time.strftime('%Y-%m-%d')} by `{command}`._\n\n"
     block = f"{start}\n{stamp}{body.rstrip()}\n{end}"
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"

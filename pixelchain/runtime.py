@@ -16,20 +16,28 @@ import sys
 import torch
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_pinned = False
 
 
 def configure_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 128 << 20) -> bool:
     """Pin glibc's mmap and trim thresholds; returns False where that is not possible (not
     glibc, or PIXELCHAIN_DEFAULT_MALLOC is set). Safe to call more than once."""
+    global _pinned
     if not sys.platform.startswith("linux") or os.environ.get("PIXELCHAIN_DEFAULT_MALLOC"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+        _pinned = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
             libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
         )
     except (OSError, AttributeError):
         return False
+    return _pinned
+
+
+def allocator_pinned() -> bool:
+    """Whether ``configure_allocator`` pinned the thresholds in this process."""
+    return _pinned
 
 
 def pick_device(name: str = "auto") -> torch.device:
