@@ -83,7 +83,7 @@ class CausalConv2d(nn.Conv2d):
         self.causal_padding = tuple(padding)
         self.scale = scale
         self.register_buffer("mask", mask)
-        self.cache: ConvCache | None = None
+        self.cache: ConvCache | PointwiseCache | None = None
 
     def masked_weight(self) -> Tensor:
         return self.weight if self.mask is None else self.weight * self.mask
@@ -91,11 +91,6 @@ class CausalConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.cache is not None:
             return self.cache(x)
-        if self.kernel_size == (1, 1) and x.shape[2] == x.shape[3] == 1 and not any(self.causal_padding):
-            # One pixel through a 1 x 1 convolution (cached decoding): a matrix product, not conv2d.
-            weight = self.masked_weight().flatten(1)
-            out = x.flatten(1) @ weight.t() if self.bias is None else torch.addmm(self.bias, x.flatten(1), weight.t())
-            return out.view(len(x), -1, 1, 1)
         top, bottom, left, right = self.causal_padding
         if 0 <= bottom <= top and 0 <= right <= left:
             # Pad symmetrically inside the convolution (no padded copy of x) and keep the leading
@@ -193,7 +188,8 @@ class ConvCache:
         self.kh, self.kw = conv.kernel_size
         weight = conv.masked_weight().detach()
         self.weight = weight
-        self.matrix = weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0])  # [kh*kw*Cin, Cout]
+        # one [kw*Cin, Cout] matrix per kernel row, matching a buffer row's run of kw pixels
+        self.matrices = weight.permute(2, 3, 1, 0).reshape(self.kh, -1, weight.shape[0]).unbind(0)
         self.bias = None if conv.bias is None else conv.bias.detach()
         rows, cols = -(-height >> conv.scale), -(-width >> conv.scale)  # ceil(size / 2^scale)
         self.width = cols
@@ -215,24 +211,48 @@ class ConvCache:
             return F.conv2d(rows, self.weight, self.bias, s)
         c_in, c_out = j >> self.in_level, j >> self.out_level
         self.store(r_in, c_in, x[:, :, 0, 0])
-        window = self.buffer[:, s * r_out : s * r_out + self.kh, s * c_out : s * c_out + self.kw]
-        window = window.reshape(len(x), -1)
-        out = window @ self.matrix if self.bias is None else torch.addmm(self.bias, window, self.matrix)
-        return out.view(len(x), -1, 1, 1)
+        # Kernel row a reads kw pixels of buffer row s*r_out + a: a [B, kw*Cin] view (no copy).
+        rows = self.buffer[:, s * r_out : s * r_out + self.kh, s * c_out : s * c_out + self.kw].flatten(2)
+        out = None
+        for a, matrix in enumerate(self.matrices):
+            if out is None:
+                out = rows[:, a] @ matrix if self.bias is None else torch.addmm(self.bias, rows[:, a], matrix)
+            else:
+                out = out.addmm_(rows[:, a], matrix)
+        return out.view(x.shape[0], -1, 1, 1)
+
+
+class PointwiseCache:
+    """A 1 x 1 convolution during decoding: one pixel [B, Cin, 1, 1] is a matrix product with the
+    weight prepared once (whole rows still go through conv2d). It keeps no inputs."""
+
+    def __init__(self, conv: CausalConv2d) -> None:
+        self.weight = conv.masked_weight().detach()
+        self.matrix = self.weight.flatten(1).t()  # [Cin, Cout]
+        self.bias = None if conv.bias is None else conv.bias.detach()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.shape[2] != 1 or x.shape[3] != 1:
+            return F.conv2d(x, self.weight, self.bias)
+        pixel = x.reshape(x.shape[0], -1)
+        out = pixel @ self.matrix if self.bias is None else torch.addmm(self.bias, pixel, self.matrix)
+        return out.view(x.shape[0], -1, 1, 1)
 
 
 @contextmanager
 def cached(modules, cursor: Cursor, batch: int, height: int, width: int):
-    """Give every spatial CausalConv2d in ``modules`` a cache for the duration of the block.
+    """Give every CausalConv2d in ``modules`` a cache for the duration of the block.
 
-    1 x 1 convolutions need none: their output at a place depends on their input there only.
+    1 x 1 convolutions keep no inputs (their output at a place depends on their input there only):
+    theirs only holds the weight as a matrix.
     """
     layers = [m for module in modules for m in module.modules()]
-    convs = [m for m in layers if isinstance(m, CausalConv2d) and m.kernel_size != (1, 1)]
+    convs = [m for m in layers if isinstance(m, CausalConv2d)]
     upsamplers = [m for m in layers if isinstance(m, CausalConvTranspose2d)]
     try:
         for conv in convs:
-            conv.cache = ConvCache(conv, cursor, batch, height, width)
+            pointwise = conv.kernel_size == (1, 1) and conv.stride[0] == 1 and not any(conv.causal_padding)
+            conv.cache = PointwiseCache(conv) if pointwise else ConvCache(conv, cursor, batch, height, width)
         for up in upsamplers:
             up.cursor = cursor
         yield
