@@ -1,0 +1,38 @@
+"""PixelCNN's blind spot and the Gated PixelCNN without one, read off gradients (as in
+test_pixelrnn_transformer.py): with L masked 3 x 3 layers (a type-A input layer, then L - 1
+type-B ones), the parameters at (i, j) depend on
+
+* PixelCNN: row i, columns j - L .. j - 1; row i - d (1 <= d <= L), columns j - L .. j + d. The
+  field widens by one column to the right per row up: the pixels above and to the right of that
+  diagonal are the blind spot of van den Oord et al. (2016b), Figure 1;
+* Gated PixelCNN: row i, columns j - L .. j - 1; rows i - L - 1 .. i - 1 (its vertical stack sees
+  the current row, and reaches the horizontal one shifted down a row), columns j - L .. j + L: the
+  whole rectangle, no blind spot.
+"""
+
+import pytest
+import torch
+from test_pixelrnn_transformer import build, field
+
+L, H, W = 3, 7, 9
+
+
+def expected_field(i: int, j: int, gated: bool) -> torch.Tensor:
+    cols, out = torch.arange(W), torch.zeros(H, W, dtype=torch.bool)
+    out[i] = (cols >= j - L) & (cols < j)
+    for d in range(1, min(L + gated, i) + 1):
+        out[i - d] = (cols >= j - L) & (cols <= j + (L if gated else d))
+    return out
+
+
+@pytest.mark.parametrize("name", ["pixelcnn", "gated_pixelcnn"])
+def test_receptive_field(name):
+    if name == "pixelcnn":
+        model = build(name, (1, H, W), channels=32, num_blocks=L - 1, kernel_size=3, input_kernel_size=3,
+                      head_channels=32)
+    else:
+        model = build(name, (1, H, W), channels=32, num_layers=L - 1, kernel_size=3, input_kernel_size=3,
+                      head_channels=32)
+    for i in range(H):
+        for j in range(W):
+            assert torch.equal(field(model, 0, i, j)[0], expected_field(i, j, name == "gated_pixelcnn")), (i, j)
