@@ -26,8 +26,7 @@ from pixelchain.cli import write_figures
 RUNS = {
     "fvsbn_caltech": ("fvsbn", "caltech101_silhouettes", {}, {"batch_size": 50, "lr": 3e-3, "lr_decay": 0.97,
                                                              "weight_decay": 1e-3}),
-    # 157M weights (half of them masked): large batches amortise Adam's and the mask's passes over them
-    "fully_visible_mnist": ("fully_visible", "mnist", {}, {"batch_size": 500, "lr": 5e-3, "lr_decay": 0.9}),
+    "fully_visible_mnist": ("fully_visible", "mnist", {}, {"batch_size": 100, "lr": 1e-3, "lr_decay": 0.9}),
     "logistic_regression_mnist": ("logistic_regression", "mnist", {"num_classes": 10},
                                   {"batch_size": 100, "lr": 1e-3, "lr_decay": 0.9}),
 }
@@ -43,9 +42,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--only", nargs="+", choices=sorted(RUNS))
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--table-only", action="store_true", help="train nothing: rewrite the table from the runs")
     args = parser.parse_args()
     runtime.configure_allocator()
-    for label in args.only or RUNS:
+    for label in [] if args.table_only else args.only or RUNS:
         name, dataset, hparams, settings = RUNS[label]
         train, valid, test = (pc.data.load(dataset, s) for s in ("train", "valid", "test"))
         torch.manual_seed(0)
@@ -65,7 +65,8 @@ def main() -> None:
             write_figures(model, {"name": dataset}, run_dir, torch.Generator().manual_seed(0))
         print(label, metrics, f"{time.perf_counter() - start:.0f} s", flush=True)
 
-    rows = ["| run | dataset | test | epochs | training time |", "|---|---|---|---|---|"]
+    rows = ["| run | model | dataset | training (batch, lr, decay per epoch, weight decay) | test | epochs "
+            "| training time |", "|---|---|---|---|---|---|---|"]
     for label in RUNS:
         path = Path(args.runs_dir) / label / "result.json"
         if not path.exists():
@@ -76,8 +77,13 @@ def main() -> None:
                  else f"**{m['nll']:.2f} nats**, {m['bits_per_dim']:.3f} bits/dim")
         epochs = r["steps"] * r["train"]["batch_size"] / TRAIN_IMAGES[r["dataset"]]
         note = "" if r["finished"] else " (time budget reached; resumable)"
-        rows.append(f"| {label} | {r['dataset']} | {score} | {epochs:.2f}{note} | {r['train_seconds'] / 60:.1f} min |")
-    write_section("fully_visible", f"Machine: {machine()}.\n\n" + "\n".join(rows))
+        t = r["train"]
+        training = f"{t['batch_size']}, {t['lr']:g}, {t.get('lr_decay', 1):g}, {t.get('weight_decay', 0):g}"
+        rows.append(f"| {label} | {r['model']} | {r['dataset']} | {training} | {score} | {epochs:.2f}{note} "
+                    f"| {r['train_seconds'] / 60:.1f} min |")
+    write_section("fully_visible", f"Machine: {machine()}. Each run was trained by `python -m "
+                  "benchmarks.fully_visible --only RUN --max-time S` (one thread, beside other runs).\n\n"
+                  + "\n".join(rows))
 
 
 if __name__ == "__main__":
