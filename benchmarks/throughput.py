@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", nargs="+", help="substrings of the row labels to run")
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     args = parser.parse_args()
     runtime.configure_allocator()
     before = matmul_gflops()
@@ -65,7 +66,7 @@ def main() -> None:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         x = torch.randint(0, 2, (args.batch, 1, 28, 28))
         params = sum(p.numel() for p in model.parameters())
-        for mode in ["eager", "compiled"] if name in COMPILED else ["eager"]:
+        for mode in [m for m in args.modes if m == "eager" or name in COMPILED]:
             net = torch.compile(model) if mode == "compiled" else model
 
             def train_step():

@@ -12,7 +12,9 @@ SHIPPED = pc.pretrained()
 
 
 def test_checkpoints_are_shipped():
-    assert {"bmnist_fvsbn", "fvsbn_caltech", "logistic_regression_mnist"} <= set(SHIPPED)
+    families = ["fvsbn", "nade", "made", "pixelcnn_cpu", "gated_pixelcnn_cpu", "pixelcnn_pp_cpu", "row_lstm_cpu",
+                "diagonal_bilstm_cpu", "transformer_cpu"]
+    assert {f"bmnist_{f}" for f in families} | {"fvsbn_caltech", "logistic_regression_mnist"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
