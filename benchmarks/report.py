@@ -35,11 +35,12 @@ def curve(run: Path, points: int = 8) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs-dir", default="runs/bench")
-    parser.add_argument("--notes", default="", help="markdown appended under the table")
+    parser.add_argument("--notes", default=str(Path(__file__).with_name("bmnist_notes.md")),
+                        help="markdown file shown under the table (how the runs were made, what they miss)")
     args = parser.parse_args()
     runs = sorted(p.parent for p in Path(args.runs_dir).glob("*/result.json"))
     rows = ["| run | model | architecture | parameters | test NLL (nats) | published | epochs | training time "
-            "| train img/s | device |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "| img/s (evaluations included) | device |", "|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         r = json.loads((run / "result.json").read_text())
         arch = ", ".join(f"{k}={v}" for k, v in r["hparams"].items()) or "-"
@@ -50,7 +51,8 @@ def main() -> None:
         rows.append(f"| {r['preset']} | {r['model']} | {arch} | {r['parameters']:,} | **{r['test_nll']:.2f}**{mark} "
                     f"| {'-' if published is None else published} | {epochs} | {r['train_seconds'] / 60:.0f} min "
                     f"| {r['images_per_s']:.0f} | {device} |")
-    body = "\n".join(rows) + "\n\n" + (args.notes + "\n\n" if args.notes else "")
+    notes = Path(args.notes).read_text().strip() if args.notes else ""
+    body = "\n".join(rows) + "\n\n" + (notes + "\n\n" if notes else "")
     body += "NLL against training time (best-validation weights are what the table reports):\n\n"
     body += "\n".join(curve(run) for run in runs)
     write_section("bmnist", body)
