@@ -190,7 +190,7 @@ class ConvCache:
         self.weight = weight
         # one [kw*Cin, Cout] matrix per kernel row, matching a buffer row's run of kw pixels
         self.matrices = weight.permute(2, 3, 1, 0).reshape(self.kh, -1, weight.shape[0]).unbind(0)
-        self.bias = None if conv.bias is None else conv.bias.detach()
+        self.bias = _bias(conv)
         rows, cols = -(-height >> conv.scale), -(-width >> conv.scale)  # ceil(size / 2^scale)
         self.width = cols
         # Channels last, [B, rows, cols, Cin]: a window is kh*kw runs of Cin contiguous values.
@@ -213,12 +213,9 @@ class ConvCache:
         self.store(r_in, c_in, x[:, :, 0, 0])
         # Kernel row a reads kw pixels of buffer row s*r_out + a: a [B, kw*Cin] view (no copy).
         rows = self.buffer[:, s * r_out : s * r_out + self.kh, s * c_out : s * c_out + self.kw].flatten(2)
-        out = None
-        for a, matrix in enumerate(self.matrices):
-            if out is None:
-                out = rows[:, a] @ matrix if self.bias is None else torch.addmm(self.bias, rows[:, a], matrix)
-            else:
-                out = out.addmm_(rows[:, a], matrix)
+        out = torch.addmm(self.bias, rows[:, 0], self.matrices[0])
+        for a in range(1, self.kh):
+            out.addmm_(rows[:, a], self.matrices[a])
         return out.view(x.shape[0], -1, 1, 1)
 
 
@@ -229,14 +226,17 @@ class PointwiseCache:
     def __init__(self, conv: CausalConv2d) -> None:
         self.weight = conv.masked_weight().detach()
         self.matrix = self.weight.flatten(1).t()  # [Cin, Cout]
-        self.bias = None if conv.bias is None else conv.bias.detach()
+        self.bias = _bias(conv)
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.shape[2] != 1 or x.shape[3] != 1:
             return F.conv2d(x, self.weight, self.bias)
-        pixel = x.reshape(x.shape[0], -1)
-        out = pixel @ self.matrix if self.bias is None else torch.addmm(self.bias, pixel, self.matrix)
-        return out.view(x.shape[0], -1, 1, 1)
+        return torch.addmm(self.bias, x.reshape(x.shape[0], -1), self.matrix).view(x.shape[0], -1, 1, 1)
+
+
+def _bias(conv: CausalConv2d) -> Tensor:
+    """The layer's bias for the caches' products (zeros for a layer without one)."""
+    return conv.weight.new_zeros(conv.out_channels) if conv.bias is None else conv.bias.detach()
 
 
 @contextmanager
