@@ -20,6 +20,7 @@ import torch
 import pixelchain as pc
 from benchmarks.common import machine, matmul_gflops, median_time, write_section
 from pixelchain import runtime
+from pixelchain.train import adam
 
 COMPILED = {"pixelcnn", "gated_pixelcnn", "transformer"}
 # label -> (our model, hyperparameters, peer params, peer train img/s, peer eval img/s)
@@ -63,7 +64,7 @@ def main() -> None:
             continue
         torch.manual_seed(0)
         model = pc.create(name, (1, 28, 28), 2, **hparams)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        optimizer = adam(model, lr=1e-4)
         x = torch.randint(0, 2, (args.batch, 1, 28, 28))
         params = sum(p.numel() for p in model.parameters())
         for mode in [m for m in args.modes if m == "eager" or name in COMPILED]:

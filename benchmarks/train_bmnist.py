@@ -29,7 +29,7 @@ from pixelchain.cli import write_figures
 # them for binarized MNIST, else are chosen to train in minutes on one GPU.
 PRESETS = {
     "fvsbn": ("fvsbn", {}, {"batch_size": 100, "lr": 3e-3, "lr_decay": 0.95}),
-    "fvsbn_l2": ("fvsbn", {}, {"batch_size": 100, "lr": 3e-3, "lr_decay": 0.95, "weight_decay": 1e-4}),
+    "fvsbn_l2": ("fvsbn", {}, {"batch_size": 100, "lr": 3e-3, "lr_decay": 0.95, "weight_decay": 3e-4}),
     "nade": ("nade", {"hidden": 500}, {"batch_size": 100, "lr": 2e-3, "lr_decay": 0.98}),
     # one random input order (raster order left MADE near 101 nats: its low-degree hidden units see
     # only the blank top rows)

@@ -132,6 +132,21 @@ def _stop_on_interrupt(flag: dict):
 
 
 # ----------------------------------------------------------------------------- fit
+def adam(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """The trainer's optimiser: Adam, its L2 penalty ``weight_decay`` on weight matrices and kernels
+    only (coupled, as in torch.optim.Adam). Biases and gains stay free: the bias of a pixel that is
+    almost always 0 must reach a large negative logit, and decaying it costs nats on every image.
+    The fused implementation where the parameters allow it (~10x faster steps on CPU, which
+    matters for models with millions of parameters and cheap forward passes)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": params, "weight_decay": 0.0}]
+    if weight_decay:
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.Adam(groups, lr=lr, fused=fused or None)
+
+
 def fit(
     model: nn.Module,
     train: ImageDataset,
@@ -163,6 +178,7 @@ def fit(
     Args:
         run_dir: where config, weights, trainer state and metrics go (None: nothing written).
         epochs: passes over ``train``; ``lr_decay`` multiplies the learning rate after each.
+        weight_decay: L2 penalty on weight matrices and kernels (not biases), Adam's coupled form.
         patience: stop after this many evaluations without a better validation NLL.
         max_steps: stop (resumably) once the run has taken this many optimiser steps in all.
         max_time: stop (resumably) after this many seconds of this call (resumed runs get more).
@@ -194,7 +210,7 @@ def fit(
             f"expects {tuple(model.image_shape)} with {model.num_levels}"
         )
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = adam(model, lr, weight_decay)
     state = {"step": 0, "epoch": 0, "batch": 0, "best_valid": None, "bad_evals": 0, "elapsed": 0.0,
              "images": 0, "finished": False, "train_nll": None, "evaluated_step": -1}
     if run_dir is not None:
