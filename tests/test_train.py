@@ -166,3 +166,17 @@ def test_save_load_round_trip_and_errors(digits, tmp_path):
     (tmp_path / "run" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):
         pc.load(tmp_path / "run")
+
+
+def test_weight_decay_shrinks_weights_not_biases():
+    model = pc.create("fvsbn", (1, 2, 2), 2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+    optimizer = pc.train.adam(model, lr=0.1, weight_decay=0.5)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # only the penalty moves anything
+    optimizer.step()
+    assert (model.linear.weight < 1).all()
+    assert (model.linear.bias == 1).all()
+    assert all(group["fused"] for group in optimizer.param_groups)  # CPU float parameters
