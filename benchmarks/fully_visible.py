@@ -65,7 +65,7 @@ def main() -> None:
             write_figures(model, {"name": dataset}, run_dir, torch.Generator().manual_seed(0))
         print(label, metrics, f"{time.perf_counter() - start:.0f} s", flush=True)
 
-    rows = ["| run | model | dataset | training (batch, lr, decay per epoch, weight decay) | test | epochs "
+    rows = ["| run | model | dataset | training (batch, lr, decay per epoch, L2 on weights) | test | epochs "
             "| training time |", "|---|---|---|---|---|---|---|"]
     for label in RUNS:
         path = Path(args.runs_dir) / label / "result.json"
