@@ -139,10 +139,10 @@ def adam(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.
     The fused implementation where the parameters allow it (~10x faster steps on CPU, which
     matters for models with millions of parameters and cheap forward passes)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": params, "weight_decay": 0.0}]
-    if weight_decay:
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    # one group without decay, so trainer states saved before the split still resume
+    groups = ([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+              if weight_decay else [{"params": params, "weight_decay": 0.0}])
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     return torch.optim.Adam(groups, lr=lr, fused=fused or None)
 

@@ -54,10 +54,11 @@ class NADEParams(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: Tensor, W: Tensor, c: Tensor, V: Tensor, b: Tensor, chunk: int) -> Tensor:
         Vt, hidden, out = V.transpose(1, 2), [], []  # Vt [D, H, p]
+        keep = any(ctx.needs_input_grad)
         for vc in v.split(chunk):
             h = hidden_states(vc, W, c)  # [D, b, H]
             out.append(torch.bmm(h, Vt).transpose(0, 1))
-            if any(ctx.needs_input_grad):
+            if keep:
                 hidden.append(h)
         ctx.save_for_backward(v, V, *hidden)
         ctx.chunk = chunk
