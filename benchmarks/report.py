@@ -5,12 +5,17 @@
 One row per run (test NLL of the best-validation weights, nats, on the static test split), next to
 the published figure; then, for every run, its curve of validation and test NLL against training
 time, so runs that have not reached their figure show where they were heading.
+
+Run directories stay on the machine that trained them; the report copies each run's result.json
+and metrics.jsonl into benchmarks/records/PRESET/ (committed) and builds the table from the
+records, so a run measured in one session is still reported in the next.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from benchmarks.common import write_section
@@ -18,15 +23,18 @@ from benchmarks.common import write_section
 # Published static-bMNIST test NLLs (nats): Larochelle & Murray 2011 (FVSBN, NADE), Germain et al.
 # 2015 (MADE), van den Oord et al. 2016 (PixelCNN, Row LSTM, Diagonal BiLSTM); the 79.17 for a
 # Transformer is pytorch-generative's ImageGPT on a *dynamically* binarised test set.
-PUBLISHED = {"fvsbn": 97.45, "nade": 88.33, "made": 88.40, "made_32_masks": 86.64, "pixelcnn": 81.30,
-             "row_lstm": 80.54, "diagonal_bilstm": 79.20, "transformer": 79.17}
+PUBLISHED = {"fvsbn": 97.45, "nade": 88.33, "made": 88.40, "made_8000": 88.40, "made_32_masks": 86.64,
+             "pixelcnn": 81.30, "row_lstm": 80.54, "diagonal_bilstm": 79.20, "transformer": 79.17}
+
+
+RECORDS = Path(__file__).with_name("records")
 
 
 def curve(run: Path, points: int = 8) -> str:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     step = max(1, len(records) // points)
     shown = records[::step] + ([records[-1]] if (len(records) - 1) % step else [])
-    cells = [f"{r['time'] / 60:.0f} min: {r['valid_nll']:.2f} / {r.get('test_nll', float('nan')):.2f}"
+    cells = [f"{r['time'] / 60:.0f} min: {r.get('valid_nll', float('nan')):.2f} / {r.get('test_nll', float('nan')):.2f}"
              for r in shown]
     return f"- **{run.name}** (epoch: valid / test nats): " + "; ".join(
         f"ep {r['epoch']:g} at {c}" for r, c in zip(shown, cells, strict=True))
@@ -38,7 +46,12 @@ def main() -> None:
     parser.add_argument("--notes", default=str(Path(__file__).with_name("bmnist_notes.md")),
                         help="markdown file shown under the table (how the runs were made, what they miss)")
     args = parser.parse_args()
-    runs = sorted(p.parent for p in Path(args.runs_dir).glob("*/result.json"))
+    for result in Path(args.runs_dir).glob("*/result.json"):
+        record = RECORDS / result.parent.name
+        record.mkdir(parents=True, exist_ok=True)
+        for name in ("result.json", "metrics.jsonl"):
+            shutil.copy(result.parent / name, record / name)
+    runs = sorted(p.parent for p in RECORDS.glob("*/result.json"))
     rows = ["| run | model | architecture | parameters | test NLL (nats) | published | epochs | training time "
             "| img/s (evaluations included) | device |", "|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
@@ -47,7 +60,8 @@ def main() -> None:
         published = PUBLISHED.get(r["preset"], PUBLISHED.get(r["model"]))
         mark = "" if published is None else (" ✓" if r["test_nll"] <= published else "")
         device = r["device"] + (", bf16 autocast" if r.get("amp") else "")
-        epochs = f"{r['steps'] * r['train']['batch_size'] / 50_000:.1f}" + ("" if r["finished"] else " (resumable)")
+        epochs = f"{r['steps'] * r['train']['batch_size'] / r.get('train_images', 50_000):.1f}"
+        epochs += (f" on {r['refit_on']}" if r.get("refit_on") else "") + ("" if r["finished"] else " (resumable)")
         rows.append(f"| {r['preset']} | {r['model']} | {arch} | {r['parameters']:,} | **{r['test_nll']:.2f}**{mark} "
                     f"| {'-' if published is None else published} | {epochs} | {r['train_seconds'] / 60:.0f} min "
                     f"| {r['images_per_s']:.0f} | {device} |")

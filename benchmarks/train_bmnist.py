@@ -2,11 +2,17 @@
 
     python -m benchmarks.train_bmnist gated_pixelcnn --max-time 480 --runs-dir runs/bench
     python -m benchmarks.train_bmnist gated_pixelcnn --max-time 480 --runs-dir runs/bench --resume
+    python -m benchmarks.train_bmnist nade --max-time 3600 --runs-dir runs/bench --from-shipped
 
 Each epoch logs validation and test NLL (nats) against training time in metrics.jsonl (the test
 split never steers model selection: the best validation epoch's weights are kept). At the end the
 best weights are scored on the test split and result.json, samples.png and completions.png are
 written. ``python benchmarks/report.py`` turns the run directories into BENCHMARKS.md tables.
+
+Run directories stay on the machine that trained them; the shipped checkpoint of a preset
+(``bmnist_PRESET``, see ship.py) keeps its best weights and result.json, and benchmarks/records
+its metrics.jsonl (see report.py), so ``--from-shipped`` continues it elsewhere: from those weights,
+its record and its position (epoch, step, time, learning rate), with fresh Adam moments.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +30,9 @@ import torch
 import pixelchain as pc
 from benchmarks import common  # noqa: F401  (local dataset copies)
 from pixelchain import runtime
+from pixelchain.checkpoint import CONFIG, PRETRAINED_DIR, WEIGHTS
 from pixelchain.cli import write_figures
+from pixelchain.train import METRICS, STATE, write_trainer_state
 
 # name -> (model, hyperparameters, training settings). Sizes follow the papers where they give
 # them for binarized MNIST, else are chosen to train in minutes on one GPU.
@@ -34,6 +43,10 @@ PRESETS = {
     # one random input order (raster order left MADE near 101 nats: its low-degree hidden units see
     # only the blank top rows)
     "made": ("made", {"hidden": (500,), "num_masks": 1, "order_agnostic": True}, {"batch_size": 100, "lr": 1e-3}),
+    # the paper's width, one mask in raster order with direct input-output connections (hidden units
+    # sorted by degree: the masked products skip the masked-out half)
+    "made_8000": ("made", {"hidden": (8000,), "num_masks": 1, "direct": True},
+                  {"batch_size": 100, "lr": 5e-4, "lr_decay": 0.97}),
     "made_32_masks": ("made", {"hidden": (500,), "num_masks": 32}, {"batch_size": 100, "lr": 5e-3, "lr_decay": 0.97}),
     "pixelcnn": ("pixelcnn", {"channels": 64, "num_blocks": 12, "head_channels": 64},
                  {"batch_size": 64, "lr": 1e-3, "lr_decay": 0.96}),
@@ -59,11 +72,42 @@ PRESETS = {
     "transformer_cpu": ("transformer", {"dim": 32, "num_layers": 3, "num_heads": 2, "dropout": 0.0},
                         {"batch_size": 32, "lr": 1e-3, "lr_decay": 0.9, "grad_clip": 1.0}),
 }
+# name -> (preset, epochs): the preset refit on train + valid for the epochs its validated run chose
+# (a protocol of the literature: model selection on valid, then the final fit on both).
+REFITS = {"fvsbn_l2_refit": ("fvsbn_l2", 135)}
+
+
+def start_from_shipped(preset: str, run_dir: Path, model: torch.nn.Module, settings: dict, train_images: int,
+                       curve_images: int | None) -> None:
+    """Make ``run_dir`` a resumable run holding the shipped checkpoint ``bmnist_PRESET``: its best
+    weights, its metrics and its position, with fresh optimiser moments."""
+    source = PRETRAINED_DIR / f"bmnist_{preset}"
+    if not (source / "result.json").is_file():
+        raise SystemExit(f"no shipped checkpoint {source.name} to continue")
+    result = json.loads((source / "result.json").read_text())
+    if result["finished"]:
+        raise SystemExit(f"{source.name} finished (early stopping or its epoch budget): nothing to continue")
+    if result.get("curve_images") != curve_images:
+        raise SystemExit(f"{source.name} scored its curve with --curve-images {result.get('curve_images')}; "
+                         "pass the same so its record stays comparable")
+    model.load_state_dict(pc.load(source).state_dict())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG, WEIGHTS):
+        shutil.copy(source / name, run_dir / name)
+    record = Path(__file__).with_name("records") / preset / METRICS
+    if record.is_file():  # evaluations after the shipped step are dropped when the run resumes
+        shutil.copy(record, run_dir / METRICS)
+    epoch, batch = divmod(result["steps"], math.ceil(train_images / settings["batch_size"]))
+    write_trainer_state(
+        run_dir, model, lr=settings["lr"] * settings.get("lr_decay", 1.0) ** epoch,
+        weight_decay=settings.get("weight_decay", 0.0), step=result["steps"], epoch=epoch, batch=batch,
+        elapsed=result["train_seconds"], images=round(result["images_per_s"] * result["train_seconds"]),
+        best_valid=result["best_valid_nll"])
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("preset", choices=sorted(PRESETS))
+    parser.add_argument("preset", choices=sorted(PRESETS) + sorted(REFITS))
     parser.add_argument("--runs-dir", default="runs/bench")
     parser.add_argument("--max-time", type=float, default=600.0, help="training seconds in this call")
     parser.add_argument("--epochs", type=int, default=1000)
@@ -71,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--from-shipped", action="store_true",
+                        help="continue the shipped checkpoint bmnist_PRESET (when RUNS_DIR has no run of it yet)")
     parser.add_argument("--no-figures", action="store_true")
     parser.add_argument("--limit", type=int, help="use only this many images per split (smoke tests)")
     parser.add_argument("--eval-every", type=int, help="also evaluate every this many steps (slow models)")
@@ -82,22 +128,30 @@ def main(argv: list[str] | None = None) -> dict:
     runtime.configure_allocator()
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
     device = runtime.pick_device(args.device)
-    name, hparams, settings = PRESETS[args.preset]
+    base, epochs = REFITS.get(args.preset, (args.preset, args.epochs))
+    name, hparams, settings = PRESETS[base]
     train, valid, test = (pc.data.load("binarized_mnist", s) for s in ("train", "valid", "test"))
     if args.limit:
         train, valid, test = (d.subset(slice(0, args.limit)) for d in (train, valid, test))
+    refit = args.preset in REFITS
+    if refit:  # no validation left to steer anything: a fixed number of epochs
+        train, valid = train + valid, None
     torch.manual_seed(0)
     model = pc.create(name, train.image_shape, train.num_levels, **hparams).to(device)
     run_dir = Path(args.runs_dir) / args.preset
     curve_valid, curve_test = valid, test
-    if args.curve_images:
+    if args.curve_images and not refit:
         # every k-th image: the static test split is sorted by digit (its first thousand are zeros)
         curve_valid, curve_test = (d.subset(slice(0, None, max(1, len(d) // args.curve_images)))
                                    for d in (valid, test))
+    resume = args.resume
+    if args.from_shipped and not (run_dir / STATE).exists():
+        start_from_shipped(args.preset, run_dir, model, settings, len(train), args.curve_images)
+        resume = True
     start = time.perf_counter()
     summary = pc.fit(
-        model, train, curve_valid, run_dir=run_dir, epochs=args.epochs, patience=args.patience,
-        max_time=args.max_time, eval_every=args.eval_every, amp=args.amp, resume=args.resume,
+        model, train, curve_valid, run_dir=run_dir, epochs=epochs, patience=args.patience,
+        max_time=args.max_time, eval_every=args.eval_every, amp=args.amp, resume=resume,
         progress=sys.stdout.isatty(), info={"dataset": {"name": "binarized_mnist"}, "preset": args.preset},
         monitor={"test": curve_test}, **settings,
     )
@@ -109,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         "best_valid_nll": summary["best_valid"], "epochs": summary["epoch"], "steps": summary["step"],
         "train_seconds": summary["elapsed"], "images_per_s": summary["images_per_s"],
         "finished": summary["finished"], "amp": args.amp, "curve_images": args.curve_images,
+        "train_images": len(train), "refit_on": train.split if refit else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -111,6 +111,23 @@ def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) 
     return meta
 
 
+def write_trainer_state(run_dir: str | Path, model: nn.Module, *, lr: float, weight_decay: float = 0.0,
+                        **position) -> None:
+    """Write a trainer state that ``fit(resume=True)`` continues from: ``model``'s weights, fresh
+    Adam moments at learning rate ``lr``, and ``position`` (``step``, ``epoch``, ``batch``,
+    ``elapsed`` seconds, ``images``, ``best_valid`` nats). For runs whose optimiser state is gone,
+    e.g. a shipped checkpoint that kept its weights and record but not its trainer state."""
+    state = {"step": 0, "epoch": 0, "batch": 0, "best_valid": None, "bad_evals": 0, "elapsed": 0.0,
+             "images": 0, "finished": False, "train_nll": None}
+    unknown = set(position) - set(state)
+    if unknown:
+        raise ValueError(f"unknown trainer position fields: {sorted(unknown)}")
+    state.update(position)
+    state["evaluated_step"] = state["step"]  # the record ends with that step's evaluation
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    _save_state(Path(run_dir) / STATE, model, adam(model, lr, weight_decay), state)
+
+
 @contextmanager
 def _stop_on_interrupt(flag: dict):
     """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second one

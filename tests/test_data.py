@@ -442,6 +442,15 @@ def test_offline_gives_guidance(server, monkeypatch, no_data, offline, download)
 # ------------------------------------------------------------------------------------------ transforms
 
 
+def test_joining_splits():
+    train, valid = load("digits", "train"), load("digits", "valid")
+    both = train + valid
+    assert len(both) == len(train) + len(valid) and both.split == "train+valid"
+    assert torch.equal(both.images[len(train):], valid.images) and torch.equal(both.labels[: len(train)], train.labels)
+    with pytest.raises(ValueError, match="cannot join"):
+        train + load("digits", "train", num_levels=2)
+
+
 def test_quantize():
     x = torch.arange(256)
     assert quantize(x, 256, 4).bincount().tolist() == [64] * 4

@@ -93,9 +93,13 @@ def ops_in_forward(name, shape, **hparams):
     return counter.count
 
 
-def test_nade_and_made_passes_have_no_loop_over_dimensions():
-    """The teacher-forced pass runs the same number of torch operations for 6 or 784 dims."""
+def test_nade_and_made_passes_have_no_loop_over_dimensions(monkeypatch):
+    """The teacher-forced pass runs the same number of torch operations for 6 or 784 dims (with
+    MADE's masked products dense: blocked, they take at most 16 products, see test_masked_linear)."""
+    from pixelchain import layers
+
     assert ops_in_forward("nade", (1, 2, 3), hidden=8) == ops_in_forward("nade", (1, 28, 28), hidden=8)
+    monkeypatch.setattr(layers, "prefix_blocks", lambda mask: None)
     assert ops_in_forward("made", (1, 2, 3), hidden=(8,)) == ops_in_forward("made", (1, 28, 28), hidden=(8,))
 
 
@@ -124,3 +128,30 @@ def test_nade_custom_backward_matches_autograd():
     v = torch.rand(5, 7, dtype=torch.float64)
     params = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((7, 4), (4,), (7, 3, 4), (7, 3))]
     assert torch.autograd.gradcheck(lambda W, c, V, b: NADEParams.apply(v, W, c, V, b, 2), params)
+
+
+def test_single_mask_made_skips_masked_out_weights_and_matches_the_dense_product(monkeypatch):
+    """One mask in raster order: hidden units sorted by degree, so every masked product (and the
+    direct connections) runs by blocks; its parameters and gradients equal the dense product's."""
+    from pixelchain import layers
+
+    torch.manual_seed(0)
+    model = randomised(pc.create("made", (1, 16, 16), 3, hidden=(256, 192), direct=True))
+    assert all(layer.blocks() is not None for layer in [*model.layers, model.direct])
+    x = torch.randint(0, 3, (5, 1, 16, 16))
+
+    def params_and_grads():
+        model.zero_grad()
+        params = model.params(x)
+        (params * torch.linspace(-1, 1, params.numel(), dtype=params.dtype).view_as(params)).sum().backward()
+        return params.detach(), [p.grad.clone() for p in model.parameters()]
+
+    blocked, blocked_grads = params_and_grads()
+    monkeypatch.setattr(layers, "prefix_blocks", lambda mask: None)
+    for layer in [*model.layers, model.direct]:
+        layer.mask.add_(0)  # a new mask version: blocks are looked up again
+    dense, dense_grads = params_and_grads()
+    assert model.layers[0].blocks() is None
+    torch.testing.assert_close(blocked, dense)
+    for got, want in zip(blocked_grads, dense_grads, strict=True):
+        torch.testing.assert_close(got, want)

@@ -17,7 +17,7 @@ TINY = {
     "fvsbn": ({}, (2,)),
     "fully_visible": ({}, (2, 3, 5)),
     "nade": ({"hidden": 7}, (2, 3, 5)),
-    "made": ({"hidden": (11, 9), "num_masks": 1}, (2, 3, 5)),
+    "made": ({"hidden": (11, 9), "num_masks": 1, "direct": True}, (2, 3, 5)),
     "pixelcnn": ({"channels": 6, "num_blocks": 2, "kernel_size": 3, "head_channels": 6}, (2, 3, 5)),
     "gated_pixelcnn": ({"channels": 6, "num_layers": 3, "kernel_size": 3, "head_channels": 6}, (2, 3, 5)),
     "pixelcnn_pp": ({"channels": 6, "num_resnet": 1, "num_mixtures": 2, "num_scales": 2}, (2, 3, 5)),

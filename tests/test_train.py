@@ -180,3 +180,27 @@ def test_weight_decay_shrinks_weights_not_biases():
     assert (model.linear.weight < 1).all()
     assert (model.linear.bias == 1).all()
     assert all(group["fused"] for group in optimizer.param_groups)  # CPU float parameters
+
+
+def test_a_run_continues_from_weights_and_a_position(digits, tmp_path):
+    """write_trainer_state makes a weights-only checkpoint resumable: fit picks up its epoch, step,
+    time and learning rate, with fresh optimiser moments, and keeps its record."""
+    from pixelchain.train import write_trainer_state
+
+    train, valid = digits
+    kwargs = dict(batch_size=16, lr=3e-3, lr_decay=0.5, progress=False)  # 13 batches per epoch
+    first = new_model(digits)
+    pc.fit(first, train, valid, run_dir=tmp_path / "a", epochs=2, **kwargs)
+    shipped = pc.save(first, tmp_path / "shipped")  # weights and config only, as a shipped checkpoint
+
+    continued = pc.load(shipped)
+    with pytest.raises(ValueError, match="unknown trainer position"):
+        write_trainer_state(tmp_path / "b", continued, lr=1.0, epochs=2)
+    write_trainer_state(tmp_path / "b", continued, lr=3e-3 * 0.5**2, step=26, epoch=2, elapsed=5.0, best_valid=1e9)
+    summary = pc.fit(continued, train, valid, run_dir=tmp_path / "b", epochs=3, resume=True, **kwargs)
+    assert (summary["epoch"], summary["step"]) == (3, 39)
+    assert summary["elapsed"] > 5.0
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in records] == [(39, 3)]
+    assert records[0]["lr"] == pytest.approx(3e-3 * 0.5**3)
+    assert records[0]["valid_nll"] < 1e9 and summary["best_valid"] == records[0]["valid_nll"]

@@ -66,6 +66,19 @@ class ImageDataset:
             intensities=None if self.intensities is None else self.intensities[index],
         )
 
+    def __add__(self, other: ImageDataset) -> ImageDataset:
+        """The examples of both, in order (e.g. train + valid to refit after model selection)."""
+        if other.image_shape != self.image_shape or other.num_levels != self.num_levels:
+            raise ValueError(f"cannot join {self!r} and {other!r}: different image shapes or levels")
+        if (self.labels is None) != (other.labels is None) or (self.intensities is None) != (other.intensities is None):
+            raise ValueError(f"cannot join {self!r} and {other!r}: only one has labels or intensities")
+
+        def join(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+            return None if a is None else torch.cat([a, b])
+
+        return ImageDataset(join(self.images, other.images), self.num_levels, join(self.labels, other.labels),
+                            self.name, f"{self.split}+{other.split}", join(self.intensities, other.intensities))
+
     def __repr__(self) -> str:
         dynamic = ", dynamically binarised" if self.intensities is not None else ""
         return (

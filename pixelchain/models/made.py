@@ -8,7 +8,11 @@ layer below with degree <= its own (outputs: strictly below), so output d depend
 (order-agnostic when ``order_agnostic``); the test likelihood is the log of the mean of the M
 likelihoods (logsumexp - log M). ``log_prob_map``, sampling and completion use mask 0, whose
 order is the model's ``decoding_order``. Masks multiply the weights in the forward pass, so a
-weight masked in one mask keeps training under the others.
+weight masked in one mask keeps training under the others. ``direct`` adds the paper's direct
+input-to-output connections (a fully visible model beside the hidden layers).
+
+With one mask the hidden units are sorted by degree, so in raster order every mask connects a
+prefix of the layer below and the masked products skip the masked-out half (``MaskedLinear``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class MADE(AutoregressiveModel):
         hidden: Sequence[int] = (500,),
         num_masks: int = 1,
         order_agnostic: bool = False,
+        direct: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__(image_shape, num_levels, default_head(num_levels))
@@ -49,15 +54,18 @@ class MADE(AutoregressiveModel):
         self.layers = nn.ModuleList(
             MaskedLinear(n_in, n_out, torch.ones(n_out, n_in)) for n_in, n_out in zip(sizes, sizes[1:], strict=False)
         )
+        self.direct = MaskedLinear(D, sizes[-1], torch.ones(sizes[-1], D), bias=False) if direct else None
         # Degrees of every mask, drawn once from ``seed`` and saved with the weights: hidden unit
-        # degrees ~ U{min degree of the layer below .. D - 1}.
+        # degrees ~ U{min degree of the layer below .. D - 1}; sorted when there is one mask (units
+        # are interchangeable; sorted, each unit sees a prefix of the layer below).
         g = torch.Generator().manual_seed(seed)
         orders, hidden_degrees = [], []
         for _ in range(num_masks):
             orders.append(torch.randperm(D, generator=g) if order_agnostic else torch.arange(D))
             low, layers = 1, []
             for size in hidden:
-                layers.append(torch.randint(low, max(D, low + 1), (size,), generator=g))
+                degrees = torch.randint(low, max(D, low + 1), (size,), generator=g)
+                layers.append(degrees.sort().values if num_masks == 1 else degrees)
                 low = int(layers[-1].min())
             hidden_degrees.append(torch.cat(layers))
         # input_degree[m, j] = 1 + position of raster dimension j in mask m's order
@@ -76,6 +84,8 @@ class MADE(AutoregressiveModel):
             # hidden units see degrees <= their own, outputs strictly lower ones
             last = layer is self.layers[-1]
             layer.set_mask(d_out.unsqueeze(1) > d_in.unsqueeze(0) if last else d_out.unsqueeze(1) >= d_in.unsqueeze(0))
+        if self.direct is not None:
+            self.direct.set_mask(out_degree.unsqueeze(1) > self.input_degree[m].unsqueeze(0))
         self.mask_index.fill_(m)
 
     def decoding_order(self) -> list[tuple[int, int, int]]:
@@ -83,20 +93,26 @@ class MADE(AutoregressiveModel):
         order = self.input_degree[0].argsort().tolist()  # raster indices in mask 0's order
         return [(j % C, j // C // W, j // C % W) for j in order]
 
-    def params_from_first(self, first: Tensor, dims: slice = slice(None)) -> Tensor:
-        """Output parameters [B, n, p] of raster dims ``dims`` from the first layer's
-        pre-activation [B, H1], under the current mask."""
+    def params_from_first(self, first: Tensor, inputs: Tensor, dim: int | None = None) -> Tensor:
+        """Output parameters [B, D, p] (or [B, 1, p] of raster dimension ``dim`` alone) from the
+        first layer's pre-activation [B, H1] and the inputs [B, D], under the current mask."""
         h = torch.relu(first)
         for layer in self.layers[1:-1]:
             h = torch.relu(layer(h))
-        last = self.layers[-1]
-        p = self.outputs_per_dim
-        rows = slice(dims.start * p, dims.stop * p) if dims.start is not None else slice(None)
-        return F.linear(h, last.masked_weight()[rows], last.bias[rows]).view(len(h), -1, p)
+        last, direct, p = self.layers[-1], self.direct, self.outputs_per_dim
+        if dim is None:
+            out = last(h) + (direct(inputs) if direct is not None else 0)
+        else:
+            rows = slice(dim * p, (dim + 1) * p)
+            out = F.linear(h, last.weight[rows] * last.mask[rows], last.bias[rows])
+            if direct is not None:
+                out = out + F.linear(inputs, direct.weight[rows] * direct.mask[rows])
+        return out.view(len(h), -1, p)
 
     def params(self, x: Tensor) -> Tensor:
         """Head parameters [B, P, H, W] under the current mask."""
-        return self.unraster(self.params_from_first(self.layers[0](self.raster(self.unit(x)))))
+        inputs = self.raster(self.unit(x))
+        return self.unraster(self.params_from_first(self.layers[0](inputs), inputs))
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """In training each call moves to the next mask of the ensemble; in eval, mask 0."""
@@ -146,5 +162,5 @@ class MADEDecoder(Decoder):
             value = model.unit(self.x[(slice(None), *self.previous)])
             self.a += value.unsqueeze(1) * self.weight[:, self.raster_index(*self.previous)]
         self.previous = (c, h, w)
-        j = self.raster_index(c, h, w)
-        return model.head.dim_conditional(model.params_from_first(self.a, slice(j, j + 1))[:, 0])
+        inputs = model.raster(model.unit(self.x)) if model.direct is not None else None
+        return model.head.dim_conditional(model.params_from_first(self.a, inputs, self.raster_index(c, h, w))[:, 0])
