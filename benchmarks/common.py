@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -15,12 +16,25 @@ import torch
 from pixelchain import runtime
 
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+# What each benchmark run measured (result.json, metrics.jsonl), committed: run directories stay on
+# the machine that trained them, the tables are built from these records.
+RECORDS = Path(__file__).resolve().parent / "records"
 PEER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "134217728"}
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # Benchmarks read the local dataset copies (../shared/data) unless PIXELCHAIN_DATA says otherwise.
 if "PIXELCHAIN_DATA" not in os.environ and SHARED_DATA.is_dir():
     os.environ["PIXELCHAIN_DATA"] = str(SHARED_DATA)
+
+
+def keep_record(run_dir: Path, table: str) -> Path:
+    """Copy ``run_dir``'s result.json and metrics.jsonl (when there) to RECORDS/table/RUN; returns it."""
+    record = RECORDS / table / run_dir.name
+    record.mkdir(parents=True, exist_ok=True)
+    for name in ("result.json", "metrics.jsonl"):
+        if (run_dir / name).is_file():
+            shutil.copy(run_dir / name, record / name)
+    return record
 
 
 def machine() -> str:

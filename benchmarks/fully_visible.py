@@ -6,7 +6,8 @@
 * ``fully_visible`` (K = 256 softmax per pixel, W_d in R^{256 x d}) on MNIST: nats and bits/dim;
 * ``logistic_regression`` on MNIST: test accuracy (target >= 92%).
 (FVSBN on static binarized MNIST comes from train_bmnist.py.) Writes BENCHMARKS.md's
-"fully_visible" section; each run is resumable (``--resume``).
+"fully_visible" section from the runs' records (benchmarks/records/fully_visible/RUN/result.json,
+copied there after each run); each run is resumable (``--resume``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 import pixelchain as pc
-from benchmarks.common import machine, write_section
+from benchmarks.common import RECORDS, keep_record, machine, write_section
 from pixelchain import runtime
 from pixelchain.cli import write_figures
 
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--only", nargs="+", choices=sorted(RUNS))
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--table-only", action="store_true", help="train nothing: rewrite the table from the runs")
+    parser.add_argument("--table-only", action="store_true", help="train nothing: rewrite the table from the records")
     args = parser.parse_args()
     runtime.configure_allocator()
     for label in [] if args.table_only else args.only or RUNS:
@@ -61,6 +62,7 @@ def main() -> None:
                   "train_seconds": summary["elapsed"],
                   "parameters": sum(p.numel() for p in model.parameters())}
         (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        keep_record(run_dir, "fully_visible")
         if model.kind == "density":
             write_figures(model, {"name": dataset}, run_dir, torch.Generator().manual_seed(0))
         print(label, metrics, f"{time.perf_counter() - start:.0f} s", flush=True)
@@ -68,14 +70,14 @@ def main() -> None:
     rows = ["| run | model | dataset | training (batch, lr, decay per epoch, L2 on weights) | test | epochs "
             "| training time |", "|---|---|---|---|---|---|---|"]
     for label in RUNS:
-        path = Path(args.runs_dir) / label / "result.json"
+        path = RECORDS / "fully_visible" / label / "result.json"
         if not path.exists():
             continue
         r = json.loads(path.read_text())
         m = r["test"]
         score = (f"accuracy **{m['accuracy']:.2%}**, NLL {m['nll']:.3f} nats" if "accuracy" in m
                  else f"**{m['nll']:.2f} nats**, {m['bits_per_dim']:.3f} bits/dim")
-        epochs = r["steps"] * r["train"]["batch_size"] / TRAIN_IMAGES[r["dataset"]]
+        epochs = r["steps"] * r["train"]["batch_size"] / TRAIN_IMAGES[r["dataset"]] if "steps" in r else r["epochs"]
         note = "" if r["finished"] else " (time budget reached; resumable)"
         t = r["train"]
         training = f"{t['batch_size']}, {t['lr']:g}, {t.get('lr_decay', 1):g}, {t.get('weight_decay', 0):g}"

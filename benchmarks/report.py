@@ -7,27 +7,23 @@ the published figure; then, for every run, its curve of validation and test NLL 
 time, so runs that have not reached their figure show where they were heading.
 
 Run directories stay on the machine that trained them; the report copies each run's result.json
-and metrics.jsonl into benchmarks/records/PRESET/ (committed) and builds the table from the
-records, so a run measured in one session is still reported in the next.
+and metrics.jsonl into benchmarks/records/bmnist/PRESET/ (committed) and builds the table from
+the records, so a run measured in one session is still reported in the next.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
-from benchmarks.common import write_section
+from benchmarks.common import RECORDS, keep_record, write_section
 
 # Published static-bMNIST test NLLs (nats): Larochelle & Murray 2011 (FVSBN, NADE), Germain et al.
 # 2015 (MADE), van den Oord et al. 2016 (PixelCNN, Row LSTM, Diagonal BiLSTM); the 79.17 for a
 # Transformer is pytorch-generative's ImageGPT on a *dynamically* binarised test set.
 PUBLISHED = {"fvsbn": 97.45, "nade": 88.33, "made": 88.40, "made_8000": 88.40, "made_32_masks": 86.64,
              "pixelcnn": 81.30, "row_lstm": 80.54, "diagonal_bilstm": 79.20, "transformer": 79.17}
-
-
-RECORDS = Path(__file__).with_name("records")
 
 
 def curve(run: Path, points: int = 8) -> str:
@@ -47,11 +43,8 @@ def main() -> None:
                         help="markdown file shown under the table (how the runs were made, what they miss)")
     args = parser.parse_args()
     for result in Path(args.runs_dir).glob("*/result.json"):
-        record = RECORDS / result.parent.name
-        record.mkdir(parents=True, exist_ok=True)
-        for name in ("result.json", "metrics.jsonl"):
-            shutil.copy(result.parent / name, record / name)
-    runs = sorted(p.parent for p in RECORDS.glob("*/result.json"))
+        keep_record(result.parent, "bmnist")
+    runs = sorted(p.parent for p in (RECORDS / "bmnist").glob("*/result.json"))
     rows = ["| run | model | architecture | parameters | test NLL (nats) | published | epochs | training time "
             "| img/s (evaluations included) | device |", "|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:

@@ -10,9 +10,10 @@ best weights are scored on the test split and result.json, samples.png and compl
 written. ``python benchmarks/report.py`` turns the run directories into BENCHMARKS.md tables.
 
 Run directories stay on the machine that trained them; the shipped checkpoint of a preset
-(``bmnist_PRESET``, see ship.py) keeps its best weights and result.json, and benchmarks/records
-its metrics.jsonl (see report.py), so ``--from-shipped`` continues it elsewhere: from those weights,
-its record and its position (epoch, step, time, learning rate), with fresh Adam moments.
+(``bmnist_PRESET``, see ship.py) keeps its best weights and result.json, and
+benchmarks/records/bmnist/PRESET its metrics.jsonl (see report.py), so ``--from-shipped``
+continues it elsewhere: from those weights, its record and its position (epoch, step, time,
+learning rate), with fresh Adam moments.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 import pixelchain as pc
-from benchmarks import common  # noqa: F401  (local dataset copies)
+from benchmarks.common import RECORDS  # (importing benchmarks.common also points at the local data)
 from pixelchain import runtime
 from pixelchain.checkpoint import CONFIG, PRETRAINED_DIR, WEIGHTS
 from pixelchain.cli import write_figures
@@ -94,7 +95,7 @@ def start_from_shipped(preset: str, run_dir: Path, model: torch.nn.Module, setti
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG, WEIGHTS):
         shutil.copy(source / name, run_dir / name)
-    record = Path(__file__).with_name("records") / preset / METRICS
+    record = RECORDS / "bmnist" / preset / METRICS
     if record.is_file():  # evaluations after the shipped step are dropped when the run resumes
         shutil.copy(record, run_dir / METRICS)
     epoch, batch = divmod(result["steps"], math.ceil(train_images / settings["batch_size"]))
