@@ -19,7 +19,6 @@ BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 # What each benchmark run measured (result.json, metrics.jsonl), committed: run directories stay on
 # the machine that trained them, the tables are built from these records.
 RECORDS = Path(__file__).resolve().parent / "records"
-PEER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "134217728"}
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # Benchmarks read the local dataset copies (../shared/data) unless PIXELCHAIN_DATA says otherwise.
@@ -48,10 +47,12 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    pinned = runtime.allocator_pinned() or all(os.environ.get(k) == v for k, v in PEER_MALLOC.items())
-    malloc = "pinned" if pinned else "glibc default"
+    pinned = runtime.allocator_pinned()
+    mmap = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    malloc = (f"malloc mmap threshold {pinned[0] >> 20} MiB" if pinned else
+              f"malloc mmap threshold {int(mmap) >> 20} MiB (environment)" if mmap else "glibc's default malloc")
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"malloc thresholds {malloc}{gpu}")
+            f"{malloc}{gpu}")
 
 
 def matmul_gflops(repeats: int = 20) -> float:

@@ -1,6 +1,6 @@
 """Cached vs naive decoding for every model at 1x28x28 (binary), batch 1, 16 and 64.
 
-    MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=134217728 python -m benchmarks.decoding
+    python -m benchmarks.decoding
 
 For each model (the shipped bMNIST architectures, plus PixelCNN and Gated PixelCNN at
 pytorch-generative's sizes) and batch size: the wall time of cached sampling (all 784 steps), of

@@ -1,14 +1,15 @@
 """Training and evaluation throughput at pytorch-generative's architectures, on this CPU.
 
-    MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=134217728 python -m benchmarks.throughput
+    python -m benchmarks.throughput
 
 Train = forward + backward + Adam step on a batch of 128 binary 28x28 images, as ``pc.fit`` does
 it; eval = ``log_prob`` of the batch without gradients. Median of ``--repeats`` after warm-up.
 Convolutional and attention models are also timed through ``torch.compile`` (``pc.fit(compile=
 True)``, ``pixelchain train --compile``), in the same run, after the compilation warm-up.
-The peer figures come from ../shared/peers.md (measured on this machine with the same allocator
-setting; noise about +-20%, so only clear ratios mean something). Writes BENCHMARKS.md's
-"throughput" section.
+The peer figures come from ../shared/peers.md (measured on a machine of this kind with glibc's
+mmap threshold pinned at 64 MiB; noise about +-20%, so only clear ratios mean something). Ours run
+with the threshold pixelchain's entry points pin (``pixelchain.runtime``, 1 GiB), or
+``--malloc-mib 64`` for the peer's. Writes BENCHMARKS.md's "throughput" section.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", nargs="+", help="substrings of the row labels to run")
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--malloc-mib", type=int, default=1024, help="glibc mmap threshold (the peer's: 64)")
     args = parser.parse_args()
-    runtime.configure_allocator()
+    runtime.configure_allocator(args.malloc_mib << 20, 2 * args.malloc_mib << 20)
     before = matmul_gflops()
 
     lines = ["| architecture | mode | ours: parameters (used) | peer parameters | ours train img/s | peer train img/s "
