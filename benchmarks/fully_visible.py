@@ -60,7 +60,8 @@ def main() -> None:
         result = {"run": label, "model": name, "dataset": dataset, "train": settings, "test": metrics,
                   "epochs": summary["epoch"], "steps": summary["step"], "finished": summary["finished"],
                   "train_seconds": summary["elapsed"],
-                  "parameters": sum(p.numel() for p in model.parameters())}
+                  "parameters": sum(p.numel() for p in model.parameters()), "machine": machine(),
+                  "date": time.strftime("%Y-%m-%d")}
         (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         keep_record(run_dir, "fully_visible")
         if model.kind == "density":
@@ -68,7 +69,7 @@ def main() -> None:
         print(label, metrics, f"{time.perf_counter() - start:.0f} s", flush=True)
 
     rows = ["| run | model | dataset | training (batch, lr, decay per epoch, L2 on weights) | test | epochs "
-            "| training time |", "|---|---|---|---|---|---|---|"]
+            "| training time | machine |", "|---|---|---|---|---|---|---|---|"]
     for label in RUNS:
         path = RECORDS / "fully_visible" / label / "result.json"
         if not path.exists():
@@ -78,13 +79,13 @@ def main() -> None:
         score = (f"accuracy **{m['accuracy']:.2%}**, NLL {m['nll']:.3f} nats" if "accuracy" in m
                  else f"**{m['nll']:.2f} nats**, {m['bits_per_dim']:.3f} bits/dim")
         epochs = r["steps"] * r["train"]["batch_size"] / TRAIN_IMAGES[r["dataset"]] if "steps" in r else r["epochs"]
-        note = "" if r["finished"] else " (time budget reached; resumable)"
+        note = "" if r["finished"] else " (time budget reached)"
         t = r["train"]
         training = f"{t['batch_size']}, {t['lr']:g}, {t.get('lr_decay', 1):g}, {t.get('weight_decay', 0):g}"
         rows.append(f"| {label} | {r['model']} | {r['dataset']} | {training} | {score} | {epochs:.2f}{note} "
-                    f"| {r['train_seconds'] / 60:.1f} min |")
-    write_section("fully_visible", f"Machine: {machine()}. Each run was trained by `python -m "
-                  "benchmarks.fully_visible --only RUN --max-time S` (one thread, beside other runs).\n\n"
+                    f"| {r['train_seconds'] / 60:.1f} min | {r.get('machine', 'AMD EPYC, 2026-11-25').split(',')[0]} |")
+    write_section("fully_visible", "Each run was trained by `python -m benchmarks.fully_visible --only RUN "
+                  "--max-time S [--resume]` (one thread, beside other runs), on the machine in its row.\n\n"
                   + "\n".join(rows))
 
 
