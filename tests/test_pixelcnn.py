@@ -36,3 +36,20 @@ def test_receptive_field(name):
     for i in range(H):
         for j in range(W):
             assert torch.equal(field(model, 0, i, j)[0], expected_field(i, j, name == "gated_pixelcnn")), (i, j)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_pointwise_convolutions_as_matrix_products_equal_conv2d(groups):
+    """1x1 CausalConv2d layers run as one batched matrix product on the CPU: same values, same gradients."""
+    from pixelchain.layers import pointwise_conv
+
+    torch.manual_seed(0)
+    conv = pointwise_conv(6, 9, groups).double()
+    x = torch.randn(4, 6, 5, 7, dtype=torch.float64).transpose(2, 3).requires_grad_()  # not contiguous
+    y = conv(x)
+    reference = torch.nn.functional.conv2d(x, conv.masked_weight(), conv.bias)
+    torch.testing.assert_close(y, reference)
+    g = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, (x, conv.weight, conv.bias), g),
+                         torch.autograd.grad(reference, (x, conv.weight, conv.bias), g), strict=True):
+        torch.testing.assert_close(got, want)

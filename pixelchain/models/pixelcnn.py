@@ -160,7 +160,7 @@ class GatedLayer(nn.Module):
         k, r = kernel_size, kernel_size // 2
         self.first = first
         self.vertical_conv = CausalConv2d(in_channels, 2 * channels, (r + 1, k), (r, 0, r, r))
-        self.link = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.link = CausalConv2d(2 * channels, 2 * channels, (1, 1))
         # Horizontal kernel: pixels left of the current one, and the current one by channel group;
         # gate halves laid out chunk-major, each following the hidden channels' groups.
         mask = torch.ones(2 * channels, in_channels, 1, r + 1)
