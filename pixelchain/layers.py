@@ -184,8 +184,9 @@ class CausalConv2d(nn.Conv2d):
 def pointwise(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """A 1 x 1 convolution, x [B, Cin, H, W] -> [B, Cout, H, W]. On the CPU it is one batched matrix
     product over the image's positions: for the few to few hundred channels of these models,
-    1.2-1.9x faster here (forward and backward) than oneDNN's convolution, which reorders layouts."""
-    if x.device.type != "cpu":
+    1.2-1.9x faster here (forward and backward) than oneDNN's convolution, which reorders layouts.
+    Under torch.compile the convolution stays (inductor fuses around it; the product was 3x slower)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         return F.conv2d(x, weight, bias)
     B, C, H, W = x.shape
     matrix = weight.flatten(1).expand(B, -1, -1)  # [B, Cout, Cin], no copy
