@@ -83,7 +83,7 @@ def main() -> None:
         t = r["train"]
         training = f"{t['batch_size']}, {t['lr']:g}, {t.get('lr_decay', 1):g}, {t.get('weight_decay', 0):g}"
         rows.append(f"| {label} | {r['model']} | {r['dataset']} | {training} | {score} | {epochs:.2f}{note} "
-                    f"| {r['train_seconds'] / 60:.1f} min | {r.get('machine', 'AMD EPYC, 2026-11-25').split(',')[0]} |")
+                    f"| {r['train_seconds'] / 60:.1f} min | {r['machine'].split(',')[0]}, {r['date']} |")
     write_section("fully_visible", "Each run was trained by `python -m benchmarks.fully_visible --only RUN "
                   "--max-time S [--resume]` (one thread, beside other runs), on the machine in its row.\n\n"
                   + "\n".join(rows))

@@ -40,7 +40,7 @@ class MaskedLinear(nn.Linear):
     def masked_weight(self) -> Tensor:
         return self.weight * self.mask
 
-    def blocks(self) -> list[tuple[int, int, int]] | None:
+    def blocks(self) -> list[tuple[int, int, int, int]] | None:
         """The current mask's :func:`prefix_blocks`, recomputed whenever the mask changes (``set_mask``,
         ``load_state_dict``: both write it in place, which bumps its version counter)."""
         key = (self.mask._version, self.mask.data_ptr())
