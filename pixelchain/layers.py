@@ -37,8 +37,9 @@ class MaskedLinear(nn.Linear):
             raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(self.weight.shape)}")
         self.mask.copy_(mask)
 
-    def masked_weight(self) -> Tensor:
-        return self.weight * self.mask
+    def masked_weight(self, rows: slice = slice(None)) -> Tensor:
+        """W * M, or only its ``rows`` (what a decoder needs for one dimension's outputs)."""
+        return self.weight[rows] * self.mask[rows]
 
     def blocks(self) -> list[tuple[int, int, int, int]] | None:
         """The current mask's :func:`prefix_blocks`, recomputed whenever the mask changes (``set_mask``,

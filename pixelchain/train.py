@@ -111,14 +111,19 @@ def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) 
     return meta
 
 
+def _new_state() -> dict:
+    """The trainer's position before its first step (saved as JSON in the trainer state)."""
+    return {"step": 0, "epoch": 0, "batch": 0, "best_valid": None, "bad_evals": 0, "elapsed": 0.0,
+            "images": 0, "finished": False, "train_nll": None, "evaluated_step": -1}
+
+
 def write_trainer_state(run_dir: str | Path, model: nn.Module, *, lr: float, weight_decay: float = 0.0,
                         **position) -> None:
     """Write a trainer state that ``fit(resume=True)`` continues from: ``model``'s weights, fresh
     Adam moments at learning rate ``lr``, and ``position`` (``step``, ``epoch``, ``batch``,
     ``elapsed`` seconds, ``images``, ``best_valid`` nats). For runs whose optimiser state is gone,
     e.g. a shipped checkpoint that kept its weights and record but not its trainer state."""
-    state = {"step": 0, "epoch": 0, "batch": 0, "best_valid": None, "bad_evals": 0, "elapsed": 0.0,
-             "images": 0, "finished": False, "train_nll": None}
+    state = _new_state()
     unknown = set(position) - set(state)
     if unknown:
         raise ValueError(f"unknown trainer position fields: {sorted(unknown)}")
@@ -228,8 +233,7 @@ def fit(
         )
 
     optimizer = adam(model, lr, weight_decay)
-    state = {"step": 0, "epoch": 0, "batch": 0, "best_valid": None, "bad_evals": 0, "elapsed": 0.0,
-             "images": 0, "finished": False, "train_nll": None, "evaluated_step": -1}
+    state = _new_state()
     if run_dir is not None:
         state_path = run_dir / STATE
         if resume:

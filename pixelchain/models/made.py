@@ -104,9 +104,9 @@ class MADE(AutoregressiveModel):
             out = last(h) + (direct(inputs) if direct is not None else 0)
         else:
             rows = slice(dim * p, (dim + 1) * p)
-            out = F.linear(h, last.weight[rows] * last.mask[rows], last.bias[rows])
+            out = F.linear(h, last.masked_weight(rows), last.bias[rows])
             if direct is not None:
-                out = out + F.linear(inputs, direct.weight[rows] * direct.mask[rows])
+                out = out + F.linear(inputs, direct.masked_weight(rows))
         return out.view(len(h), -1, p)
 
     def params(self, x: Tensor) -> Tensor:
