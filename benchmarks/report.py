@@ -61,7 +61,7 @@ def main() -> None:
     notes = Path(args.notes).read_text().strip() if args.notes else ""
     body = "\n".join(rows) + "\n\n" + (notes + "\n\n" if notes else "")
     body += "NLL against training time (best-validation weights are what the table reports):\n\n"
-    body += "\n".join(curve(run) for run in runs)
+    body += "\n".join(curve(run) for run in runs if (run / "metrics.jsonl").is_file())
     write_section("bmnist", body)
     print("\n".join(rows))
 

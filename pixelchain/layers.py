@@ -54,8 +54,14 @@ class MaskedLinear(nn.Linear):
         if blocks is None:
             return F.linear(x, self.masked_weight(), self.bias)
         bias = self.bias if self.bias is not None else self.weight.new_zeros(self.out_features)
-        flat = x.reshape(-1, self.in_features)
-        return PrefixMaskedMatmul.apply(flat, self.weight, self.mask, bias, blocks).view(*x.shape[:-1], -1)
+        flat, weight, mask = x.reshape(-1, self.in_features), self.weight, self.mask
+        device = flat.device.type
+        if torch.is_autocast_enabled(device):  # the blocks run in autocast's dtype, as F.linear would
+            dtype = torch.get_autocast_dtype(device)
+            flat, weight, mask, bias = (t.to(dtype) for t in (flat, weight, mask, bias))
+        with torch.autocast(device, enabled=False):
+            y = PrefixMaskedMatmul.apply(flat, weight, mask, bias, blocks)
+        return y.view(*x.shape[:-1], -1)
 
 
 def prefix_blocks(

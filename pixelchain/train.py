@@ -16,6 +16,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoint import CONFIG, WEIGHTS, atomic_write, model_config, save_weights
@@ -180,6 +181,7 @@ def fit(
     lr: float = 1e-3,
     lr_decay: float = 1.0,
     weight_decay: float = 0.0,
+    penalty: Callable[[nn.Module], Tensor] | None = None,
     grad_clip: float | None = None,
     patience: int | None = None,
     max_steps: int | None = None,
@@ -201,6 +203,9 @@ def fit(
         run_dir: where config, weights, trainer state and metrics go (None: nothing written).
         epochs: passes over ``train``; ``lr_decay`` multiplies the learning rate after each.
         weight_decay: L2 penalty on weight matrices and kernels (not biases), Adam's coupled form.
+        penalty: a further term added to the mean training NLL (nats per image), ``penalty(model)``
+            -> scalar tensor, e.g. a prior on the weights that ``weight_decay`` cannot express. The
+            logged training NLL leaves it out; give it again when resuming.
         patience: stop after this many evaluations without a better validation NLL.
         max_steps: stop (resumably) once the run has taken this many optimiser steps in all.
         max_time: stop (resumably) after this many seconds of this call (resumed runs get more).
@@ -246,7 +251,9 @@ def fit(
             run_dir.mkdir(parents=True, exist_ok=True)
             config = {**model_config(model), **(info or {}), "train": {
                 "epochs": epochs, "batch_size": batch_size * world, "lr": lr, "lr_decay": lr_decay,
-                "weight_decay": weight_decay, "grad_clip": grad_clip, "seed": seed, "processes": world}}
+                "weight_decay": weight_decay, "grad_clip": grad_clip,
+                "penalty": None if penalty is None else getattr(penalty, "__name__", repr(penalty)),
+                "seed": seed, "processes": world}}
             atomic_write(run_dir / CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     elif resume:
         raise ValueError("resume=True needs a run_dir")
@@ -331,15 +338,16 @@ def fit(
                 with autocast:
                     out = net(x, labels)
                 loss = -model.log_likelihood(out.float(), x, labels).mean()
-                if not torch.isfinite(loss):
+                objective = loss if penalty is None else loss + penalty(model)
+                if not torch.isfinite(objective):
                     where = f"{run_dir}/{STATE}" if run_dir is not None else "nothing (no run_dir)"
                     raise TrainingDiverged(
-                        f"the loss became {loss.item()} at step {state['step'] + 1} (epoch {epoch + 1}); "
+                        f"the loss became {objective.item()} at step {state['step'] + 1} (epoch {epoch + 1}); "
                         f"training stopped and the last checkpoint ({where}) is intact. Lower the learning "
                         "rate or set grad_clip, then resume."
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                objective.backward()
                 if grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 optimizer.step()

@@ -63,3 +63,18 @@ def test_blocks_follow_the_mask_when_it_is_loaded_or_set():
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
     layer.set_mask(staircase(256, 256, seed=1).float())
     assert layer.blocks() is not None
+
+
+def test_blocked_product_under_autocast_runs_in_the_autocast_dtype():
+    # bf16 autocast (``fit(amp=True)``) casts the blocked product's operands as it casts F.linear's
+    torch.manual_seed(0)
+    layer = MaskedLinear(200, 300, staircase(300, 200).float())
+    x = torch.randn(16, 200, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        dense = torch.nn.functional.linear(x, layer.masked_weight(), layer.bias)
+    assert y.dtype == dense.dtype == torch.bfloat16
+    torch.testing.assert_close(y, dense, atol=0.05, rtol=0.02)
+    (grad_w,) = torch.autograd.grad(y.float().sum(), layer.weight)
+    assert grad_w.dtype == torch.float32 and (grad_w[layer.mask == 0] == 0).all()
+    torch.testing.assert_close(grad_w, torch.autograd.grad(dense.float().sum(), layer.weight)[0], atol=0.1, rtol=0.02)

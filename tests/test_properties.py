@@ -169,3 +169,25 @@ def test_purification_stays_in_its_window_on_both_paths(name):
     assert torch.equal(cached, naive)
     assert (cached - x).abs().max() <= 1
     assert torch.equal(decode(model, x, MostLikelyInWindow(x, 0)), x)  # radius 0 changes nothing
+
+
+def test_an_fvsbn_is_separate_logistic_regressions_one_row_each():
+    """Splicing the rows of two FVSBNs mixes their conditionals pixel by pixel and nothing else
+    (benchmarks/fvsbn_per_pixel.py builds its model so)."""
+    torch.manual_seed(0)
+    first, second = (pc.create("fvsbn", (1, 4, 4), 2) for _ in range(2))
+    for model in (first, second):
+        with torch.no_grad():
+            model.linear.weight.normal_()
+            model.linear.bias.normal_()
+    take = torch.rand(16) < 0.5  # raster order: row d of W and b belongs to pixel d
+    spliced = pc.create("fvsbn", (1, 4, 4), 2)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            mixed = torch.where(take.view(-1, *[1] * (getattr(first.linear, name).ndim - 1)),
+                                getattr(second.linear, name), getattr(first.linear, name))
+            getattr(spliced.linear, name).copy_(mixed)
+    x = torch.randint(0, 2, (32, 1, 4, 4))
+    per_pixel = [m.raster(m.log_prob_map(x)) for m in (first, second, spliced)]
+    torch.testing.assert_close(per_pixel[2], torch.where(take, per_pixel[1], per_pixel[0]))
+    assert not torch.allclose(per_pixel[0], per_pixel[1])

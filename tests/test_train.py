@@ -182,6 +182,29 @@ def test_weight_decay_shrinks_weights_not_biases():
     assert all(group["fused"] for group in optimizer.param_groups)  # CPU float parameters
 
 
+def test_a_penalty_is_added_to_the_objective_and_left_out_of_the_logged_nll(digits, tmp_path):
+    """penalty(model) = weight_decay's L2 term trains the same weights; the logged NLL excludes it."""
+    train, valid = digits
+
+    def run(name, **kwargs):
+        torch.manual_seed(0)
+        model = pc.create("fully_visible", train.image_shape, train.num_levels)
+        pc.fit(model, train, valid, run_dir=tmp_path / name, epochs=1, batch_size=50, lr=1e-2, progress=False, **kwargs)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return model, [json.loads(line)["train_nll"] for line in lines]
+
+    def l2(model):
+        return 0.5 * 0.3 * model.linear.weight.pow(2).sum()
+
+    decayed, _ = run("decay", weight_decay=0.3)
+    penalised, logged = run("penalty", penalty=l2)
+    torch.testing.assert_close(penalised.linear.weight, decayed.linear.weight, rtol=1e-4, atol=1e-5)
+    assert penalised.linear.weight.abs().max() > 0
+    assert json.loads((tmp_path / "penalty" / "config.json").read_text())["train"]["penalty"] == "l2"
+    _, logged_shifted = run("shifted", penalty=lambda model: l2(model) + 1e3)  # same gradients
+    assert logged_shifted == pytest.approx(logged)
+
+
 def test_a_run_continues_from_weights_and_a_position(digits, tmp_path):
     """write_trainer_state makes a weights-only checkpoint resumable: fit picks up its epoch, step,
     time and learning rate, with fresh optimiser moments, and keeps its record."""
