@@ -1,8 +1,12 @@
 """FVSBN on static binarized MNIST with each conditional's L2 penalty chosen on validation.
 
-    python -m benchmarks.fvsbn_per_pixel train 0 1e-4 1e-3 3e-5@2   # one process per share of the grid
-    python -m benchmarks.fvsbn_per_pixel train 3e-5 3e-4 3e-3 1e-2 1e-4@4
-    python -m benchmarks.fvsbn_per_pixel assemble                    # -> RUNS_DIR/fvsbn_per_pixel
+    python -m benchmarks.fvsbn_per_pixel train 0 1e-4 1e-3 1e-2      # one process per share of the grid
+    python -m benchmarks.fvsbn_per_pixel train 3e-5 3e-4 3e-3
+    python -m benchmarks.fvsbn_per_pixel train 3e-5@2 1e-5@1 3e-5@2+3e-4
+    python -m benchmarks.fvsbn_per_pixel train 5e-5@4 3e-5@1 5e-5@4+3e-4
+    python -m benchmarks.fvsbn_per_pixel assemble                     # -> RUNS_DIR/fvsbn_per_pixel
+
+(the grid behind BENCHMARKS.md's ``fvsbn_per_pixel``)
 
 An FVSBN is D separate logistic regressions: pixel d's parameters (b_d, w_d) enter no other
 conditional, so the penalised likelihood is D separate convex problems and each can have its own
@@ -179,9 +183,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     runtime.configure_allocator()
     if args.stage == "train":
-        numbers = [float(x) for p in args.penalties for x in p.replace("+", "@").split("@")]
-        if not args.penalties or not all(math.isfinite(x) and x >= 0 for x in numbers):
-            parser.error("train needs penalties LAMBDA or LAMBDA@S[+TAU], numbers >= 0")
+        try:
+            numbers = [float(x) for p in args.penalties for x in p.replace("+", "@").split("@")]
+            scales = [float(p.split("@")[1].split("+")[0]) for p in args.penalties if "@" in p]
+        except ValueError:
+            numbers, scales = [], []
+        if not numbers or not all(math.isfinite(x) and x >= 0 for x in numbers) or 0 in scales:
+            parser.error("train needs penalties LAMBDA or LAMBDA@S[+TAU], numbers >= 0 and S > 0")
         train(Path(args.runs_dir), args.penalties, args.epochs, args.max_time)
     else:
         assemble(Path(args.runs_dir), args.penalties)
