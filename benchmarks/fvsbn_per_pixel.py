@@ -26,6 +26,7 @@ result.json for ``benchmarks.report``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -79,12 +80,19 @@ class PixelPrior:
 
 
 def penalty_settings(penalty: str) -> dict:
-    """fit's arguments for ``LAMBDA`` (weight_decay) or ``LAMBDA@S[+TAU]`` (a PixelPrior)."""
+    """fit's arguments for ``LAMBDA`` (weight_decay) or ``LAMBDA@S[+TAU]`` (a PixelPrior); ValueError
+    for anything else."""
     strength, _, rest = penalty.partition("@")
-    if not rest:
-        return {"weight_decay": float(strength)}
     scale, _, template = rest.partition("+")
-    return {"weight_decay": 0.0, "penalty": PixelPrior(float(strength), float(scale), float(template or 0))}
+    try:
+        numbers = [float(strength), float(scale or "inf"), float(template or 0)]
+    except ValueError:
+        numbers = [-1.0]
+    if not all(x >= 0 for x in numbers) or not math.isfinite(numbers[0] + numbers[2]) or numbers[1] == 0:
+        raise ValueError(f"penalty {penalty!r}: expected LAMBDA or LAMBDA@S[+TAU], numbers >= 0 and S > 0")
+    if not rest:
+        return {"weight_decay": numbers[0]}
+    return {"weight_decay": 0.0, "penalty": PixelPrior(*numbers)}
 
 
 def fits_dir(runs_dir: Path, penalty: str) -> Path:
@@ -110,11 +118,9 @@ def train(runs_dir: Path, penalties: list[str], epochs: int, max_time: float | N
                              info={"dataset": {"name": "binarized_mnist"}}, **settings)
             if not summary["finished"]:
                 raise SystemExit(f"{run_dir}: stopped at epoch {summary['epoch']} (time budget); run again to resume")
-            if valid is not None:
+            if valid is not None:  # (fit has written the refit's config and final weights)
                 records = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
                 summary["best_epoch"] = round(min(records, key=lambda r: r["valid_nll"])["epoch"])
-            else:
-                pc.save(model, run_dir, dataset={"name": "binarized_mnist"})
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             print(f"wd {penalty} {run_dir.name}: {summary}")
 
@@ -140,7 +146,7 @@ def assemble(runs_dir: Path, penalties: list[str]) -> dict:
     valid_nll = torch.stack([per_pixel_nll(pc.load(p / "valid"), valid) for p in fits])  # [K, D]
     choice = valid_nll.argmin(0)  # [D]: the penalty of each pixel
     refits = [pc.load(p / "refit") for p in fits]
-    model = pc.load(fits[0] / "refit")
+    model = copy.deepcopy(refits[0])
     with torch.no_grad():
         for k, refit in enumerate(refits):
             rows = choice == k  # FVSBN: one output row per pixel, raster order
@@ -183,13 +189,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     runtime.configure_allocator()
     if args.stage == "train":
+        if not args.penalties:
+            parser.error("train needs penalties")
         try:
-            numbers = [float(x) for p in args.penalties for x in p.replace("+", "@").split("@")]
-            scales = [float(p.split("@")[1].split("+")[0]) for p in args.penalties if "@" in p]
-        except ValueError:
-            numbers, scales = [], []
-        if not numbers or not all(math.isfinite(x) and x >= 0 for x in numbers) or 0 in scales:
-            parser.error("train needs penalties LAMBDA or LAMBDA@S[+TAU], numbers >= 0 and S > 0")
+            for penalty in args.penalties:
+                penalty_settings(penalty)
+        except ValueError as error:
+            parser.error(str(error))
         train(Path(args.runs_dir), args.penalties, args.epochs, args.max_time)
     else:
         assemble(Path(args.runs_dir), args.penalties)
