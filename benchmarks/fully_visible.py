@@ -22,7 +22,7 @@ import torch
 import pixelchain as pc
 from benchmarks.common import RECORDS, keep_record, machine, write_section
 from pixelchain import runtime
-from pixelchain.cli import write_figures
+from pixelchain.plots import write_figures
 
 RUNS = {
     "fvsbn_caltech": ("fvsbn", "caltech101_silhouettes", {}, {"batch_size": 50, "lr": 3e-3, "lr_decay": 0.97,
@@ -65,7 +65,7 @@ def main() -> None:
         (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         keep_record(run_dir, "fully_visible")
         if model.kind == "density":
-            write_figures(model, {"name": dataset}, run_dir, torch.Generator().manual_seed(0))
+            write_figures(model, test, run_dir, torch.Generator().manual_seed(0))
         print(label, metrics, f"{time.perf_counter() - start:.0f} s", flush=True)
 
     rows = ["| run | model | dataset | training (batch, lr, decay per epoch, L2 on weights) | test | epochs "

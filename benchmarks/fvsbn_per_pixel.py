@@ -38,7 +38,7 @@ import pixelchain as pc
 from benchmarks import common  # noqa: F401  (local dataset copies)
 from benchmarks.train_bmnist import PRESETS
 from pixelchain import runtime
-from pixelchain.train import METRICS, STATE
+from pixelchain.run_dir import METRICS, STATE
 
 RUN = "fvsbn_per_pixel"
 _, _, SETTINGS = PRESETS["fvsbn_l2"]  # batch size, learning rate and its decay; the penalty varies

@@ -31,9 +31,10 @@ import torch
 import pixelchain as pc
 from benchmarks.common import RECORDS  # (importing benchmarks.common also points at the local data)
 from pixelchain import runtime
-from pixelchain.checkpoint import CONFIG, PRETRAINED_DIR, WEIGHTS
-from pixelchain.cli import write_figures
-from pixelchain.train import METRICS, STATE, write_trainer_state
+from pixelchain.checkpoint import PRETRAINED_DIR
+from pixelchain.plots import write_figures
+from pixelchain.run_dir import CONFIG, METRICS, STATE, WEIGHTS
+from pixelchain.train import write_trainer_state
 
 # name -> (model, hyperparameters, training settings). Sizes follow the papers where they give
 # them for binarized MNIST, else are chosen to train in minutes on one GPU.
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.preset}: test NLL {result['test_nll']:.2f} nats after {summary['epoch']} epochs, "
           f"{summary['elapsed']:.0f} s ({params:,} parameters, {time.perf_counter() - start:.0f} s this run)")
     if not args.no_figures:
-        write_figures(model, {"name": "binarized_mnist"}, run_dir, torch.Generator(device).manual_seed(0))
+        write_figures(model, test, run_dir, torch.Generator(device).manual_seed(0))
     assert math.isfinite(result["test_nll"])
     return result
 

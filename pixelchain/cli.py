@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
+import contextlib
+import dataclasses
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,7 +24,9 @@ import torch
 
 from . import checkpoint, data, plots, runtime
 from .models import create, list_models
-from .train import TrainingDiverged, evaluate, fit
+from .models.base import DECODE_BATCH
+from .run_dir import RunDir, result_record
+from .train import TrainingDiverged, TrainOptions, evaluate, fit
 
 
 def parse_hparams(pairs: list[str]) -> dict:
@@ -31,7 +35,7 @@ def parse_hparams(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set expects NAME=VALUE, got {pair!r}")
+            raise ValueError(f"--set expects NAME=VALUE, got {pair!r}")
         try:
             hparams[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -45,31 +49,9 @@ def load_split(dataset: dict, split: str) -> data.ImageDataset:
 
 def run_dataset(run: str) -> dict:
     config = checkpoint.read_config(run)
-    if "dataset" not in config:
-        raise SystemExit(f"{run}: its config names no dataset; pass --dataset")
+    if not isinstance(config.get("dataset"), dict) or "name" not in config["dataset"]:
+        raise ValueError(f"{run}: its config names no dataset; pass --dataset")
     return config["dataset"]
-
-
-def write_figures(model, dataset: dict, run_dir: Path, generator: torch.Generator, naive: bool = False) -> None:
-    """samples.png (64 samples) and completions.png (8 test images, bottom half occluded, 4 each)."""
-    test = load_split(dataset, "test")
-    labels = None
-    if getattr(model, "num_classes", None):
-        labels = torch.arange(64) % model.num_classes
-    samples = model.sample(64, generator=generator, labels=labels, naive=naive, progress=True)
-    plots.save_samples(samples, model.num_levels, run_dir / "samples.png")
-    complete(model, test, run_dir / "completions.png", 8, 4, generator, naive)
-
-
-def complete(model, test, path: Path, n: int, per_image: int, generator, naive: bool) -> None:
-    index = torch.linspace(0, len(test) - 1, n).long()  # spread out: some test splits are sorted by class
-    x = test.images[index].to(model.device)
-    labels = None if not getattr(model, "num_classes", None) else test.labels[index].repeat_interleave(per_image)
-    observed = plots.bottom_half_occluded(x)
-    repeated = x.repeat_interleave(per_image, 0)
-    done = model.complete(repeated, observed.repeat_interleave(per_image, 0), generator=generator,
-                          labels=labels, naive=naive, progress=True)
-    plots.save_completions(x, observed, done.view(n, per_image, *x.shape[1:]), model.num_levels, path)
 
 
 def report(metrics: dict, split: str) -> str:
@@ -81,46 +63,83 @@ def report(metrics: dict, split: str) -> str:
     return line + f" ({metrics['n']} images)"
 
 
+def density_model(run: str, device: torch.device) -> torch.nn.Module:
+    """The model of ``run``, which must be a density model (sample, complete)."""
+    model = checkpoint.load(run, device)
+    if model.kind != "density":
+        raise ValueError(f"{run} is a {model.kind} ({model.name}): only density models sample and complete")
+    return model
+
+
+def output_path(run: str, out: str | None, filename: str) -> Path:
+    """--out, or the run directory's figure; for a shipped checkpoint NAME_FILENAME in the current
+    directory (never the installed package). Its folder must exist: checked before decoding."""
+    if out is not None:
+        path = Path(out)
+    elif checkpoint.is_shipped(run):
+        path = Path(f"{Path(run).name}_{filename}")
+    else:
+        path = checkpoint.resolve(run) / filename
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent} does not exist: create it or choose another --out")
+    return path
+
+
 # ----------------------------------------------------------------------------- commands
+def train_options(args: argparse.Namespace, recorded: dict) -> TrainOptions:
+    """The options given as flags; those not given are the run's recorded ones when resuming, else
+    TrainOptions' defaults."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions) if hasattr(args, f.name)}
+    return TrainOptions(**{**recorded, **given})
+
+
 def cmd_train(args) -> None:
-    dataset = {"name": args.dataset, "num_levels": args.num_levels, "binarize": args.binarize}
-    train, valid = load_split(dataset, "train"), load_split(dataset, "valid")
     run_dir = Path(args.run_dir or f"runs/{args.model}_{args.dataset}")
-    device = runtime.pick_device(args.device)
-    torch.manual_seed(args.seed)
     hparams = parse_hparams(args.set)
+    recorded = {}
     if args.resume:  # rebuild exactly what the run was started with
         config = checkpoint.read_config(run_dir)
-        hparams = {k: v for k, v in config["args"].items() if k not in ("image_shape", "num_levels")}
-        args.model = config["model"]
+        kept = {k: v for k, v in config["args"].items() if k not in ("image_shape", "num_levels")}
+        changed = {k: v for k, v in hparams.items() if kept.get(k) != (list(v) if isinstance(v, tuple) else v)}
+        if changed:
+            raise ValueError(f"--set {', '.join(f'{k}={v!r}' for k, v in changed.items())}: a resumed run keeps "
+                             f"its model ({config['model']}, {kept}); start a new run to change it")
+        hparams, args.model = kept, config["model"]
+        recorded = TrainOptions.recorded(config.get("train", {}))
+        dataset = config.get("dataset") or {"name": args.dataset}
+    else:
+        dataset = {"name": args.dataset, "num_levels": args.num_levels, "binarize": args.binarize}
+    options = train_options(args, recorded)
+    options.validate()
+    device = runtime.pick_device(args.device)
+    train, valid = load_split(dataset, "train"), load_split(dataset, "valid")
+    torch.manual_seed(options.seed)
     if args.model == "logistic_regression":
         hparams.setdefault("num_classes", int(train.labels.max()) + 1)
     try:
         model = create(args.model, train.image_shape, train.num_levels, **hparams).to(device)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         hint = "; --binarize or --num-levels change the levels" if "levels" in str(error) else ""
-        raise ValueError(f"{args.model} on {args.dataset} ({train.num_levels} levels): {error}{hint}") from None
+        raise ValueError(f"{args.model} on {dataset['name']} ({train.num_levels} levels): {error}{hint}") from None
     rank = int(os.environ.get("RANK", 0))
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         print(f"{args.model}: {params:,} parameters on {device}; {train!r}; run directory {run_dir}")
-    summary = fit(
-        model, train, valid, run_dir=run_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        lr_decay=args.lr_decay, grad_clip=args.grad_clip, patience=args.patience, max_steps=args.max_steps,
-        max_time=args.max_time, checkpoint_seconds=args.checkpoint_seconds, eval_every=args.eval_every, seed=args.seed,
-        compile=args.compile, amp=args.amp, resume=args.resume, info={"dataset": dataset},
-    )
-    test_metrics = evaluate(model, load_split(dataset, "test"))  # sharded: every process takes part
-    if rank != 0:
-        return
-    print(f"trained {summary['step']} steps in {summary['elapsed']:.0f} s ({summary['images_per_s']:.0f} images/s)"
-          + ("" if summary["finished"] else "; not finished: run again with --resume to continue"))
-    print(report(test_metrics, "test"))
-    with open(run_dir / "test_metrics.json", "w") as f:
-        json.dump(test_metrics, f)
-    if model.kind == "density" and not args.no_figures:
-        write_figures(model, dataset, run_dir, torch.Generator(device).manual_seed(args.seed))
-        print(f"wrote {run_dir / 'samples.png'} and {run_dir / 'completions.png'}")
+    run = RunDir(run_dir)
+    with run.lock() if rank == 0 else contextlib.nullcontext():
+        summary = fit(model, train, valid, run_dir=run_dir, resume=args.resume, info={"dataset": dataset},
+                      **dataclasses.asdict(options))
+        test_metrics = evaluate(model, load_split(dataset, "test"))  # sharded: every process takes part
+        if rank != 0:
+            return
+        print(f"trained {summary['step']} steps in {summary['elapsed']:.0f} s ({summary['images_per_s']:.0f} "
+              "images/s)" + ("" if summary["finished"] else "; not finished: run again with --resume to continue"))
+        print(report(test_metrics, "test"))
+        run.write_result(result_record(model, summary, test_metrics, dataset=dataset))
+        if model.kind == "density" and not args.no_figures:
+            plots.write_figures(model, load_split(dataset, "test"), run_dir,
+                                torch.Generator(device).manual_seed(options.seed))
+            print(f"wrote {run.samples} and {run.completions}")
 
 
 def cmd_eval(args) -> None:
@@ -129,33 +148,26 @@ def cmd_eval(args) -> None:
     print(report(evaluate(model, load_split(dataset, args.split), progress=True), args.split))
 
 
-def default_output(run: str, filename: str) -> Path:
-    """Figures go into the run directory; for a shipped checkpoint, NAME_FILENAME in the current one."""
-    run_dir = checkpoint.resolve(run)
-    if run_dir.parent == checkpoint.PRETRAINED_DIR:
-        return Path(f"{run_dir.name}_{filename}")
-    return run_dir / filename
-
-
 def cmd_sample(args) -> None:
     device = runtime.pick_device(args.device)
-    model = checkpoint.load(args.run, device)
+    model = density_model(args.run, device)
+    out = output_path(args.run, args.out, "samples.png")
     labels = None if args.label is None else torch.full((args.n,), args.label, device=device)
     start = time.perf_counter()
     samples = model.sample(args.n, generator=torch.Generator(device).manual_seed(args.seed), labels=labels,
-                           temperature=args.temperature, naive=args.naive, progress=True)
+                           temperature=args.temperature, naive=args.naive, progress=True, batch_size=args.batch_size)
     elapsed = time.perf_counter() - start
-    out = Path(args.out or default_output(args.run, "samples.png"))
     plots.save_samples(samples, model.num_levels, out)
     print(f"{args.n} samples in {elapsed:.2f} s -> {out}")
 
 
 def cmd_complete(args) -> None:
     device = runtime.pick_device(args.device)
-    model = checkpoint.load(args.run, device)
+    model = density_model(args.run, device)
+    out = output_path(args.run, args.out, "completions.png")
     test = load_split({"name": args.dataset} if args.dataset else run_dataset(args.run), args.split)
-    out = Path(args.out or default_output(args.run, "completions.png"))
-    complete(model, test, out, args.n, args.per_image, torch.Generator(device).manual_seed(args.seed), args.naive)
+    plots.draw_completions(model, test, out, args.n, args.per_image, torch.Generator(device).manual_seed(args.seed),
+                           args.naive, args.batch_size)
     print(f"completions of {args.n} {args.split} images, bottom half occluded -> {out}")
 
 
@@ -163,6 +175,31 @@ def cmd_list(args) -> None:
     print("models:     ", ", ".join(list_models()))
     print("datasets:   ", ", ".join(data.list_datasets()))
     print("pretrained: ", ", ".join(checkpoint.pretrained()) or "none")
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+_FLAG_TYPES = {"int": int, "int | None": int, "float": float, "float | None": float}
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainOptions field (``max_time`` -> ``--max-time``). Flags not given stay out
+    of the namespace, so a resumed run keeps its recorded options."""
+    for f in dataclasses.fields(TrainOptions):
+        flag, shown = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=_FLAG_TYPES[f.type], default=argparse.SUPPRESS, help=shown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,21 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--binarize", choices=["threshold", "dynamic"])
     p.add_argument("--run-dir", help="default: runs/MODEL_DATASET")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a model hyperparameter")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lr-decay", type=float, default=1.0, help="learning-rate factor per epoch")
-    p.add_argument("--grad-clip", type=float)
-    p.add_argument("--patience", type=int, help="stop after this many epochs without improvement")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-time", type=float, help="seconds; the run stays resumable")
-    p.add_argument("--checkpoint-seconds", type=float, default=60.0)
-    p.add_argument("--eval-every", type=int, help="also evaluate every this many steps inside an epoch")
-    p.add_argument("--seed", type=int, default=0)
+    add_option_flags(p)
     p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true", help="train through torch.compile")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir (options not given are the run's)")
     p.add_argument("--no-figures", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -203,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="draw samples into a PNG grid")
     p.add_argument("run")
-    p.add_argument("-n", type=int, default=64)
+    p.add_argument("-n", type=positive, default=64)
+    p.add_argument("--batch-size", type=positive, default=DECODE_BATCH, help="images decoded at once")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--label", type=int, help="class, for class-conditional models")
     p.add_argument("--seed", type=int, default=0)
@@ -214,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("complete", help="complete test images whose bottom half is occluded")
     p.add_argument("run")
-    p.add_argument("-n", type=int, default=8, help="number of images")
-    p.add_argument("--per-image", type=int, default=4, help="completions per image")
+    p.add_argument("-n", type=positive, default=8, help="number of images")
+    p.add_argument("--per-image", type=positive, default=4, help="completions per image")
+    p.add_argument("--batch-size", type=positive, default=DECODE_BATCH, help="images decoded at once")
     p.add_argument("--split", default="test")
     p.add_argument("--dataset")
     p.add_argument("--seed", type=int, default=0)
@@ -242,11 +270,11 @@ def main(argv: list[str] | None = None) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         args.func(args)
-    except (data.DataError, FileNotFoundError, FileExistsError, ValueError, TrainingDiverged) as error:
+    except (data.DataError, OSError, ValueError, TrainingDiverged) as error:
         print(f"pixelchain {args.command}: error: {error}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM while training: the usual 128 + signal
+        sys.exit(128 + getattr(interrupt, "signum", signal.SIGINT))
     if distributed:  # gloo can abort at interpreter teardown after the work is done: leave at once
         dist.destroy_process_group()
         sys.stdout.flush()

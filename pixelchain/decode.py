@@ -13,6 +13,7 @@ forward pass of the canvas, a model's cached decoder from what it kept of earlie
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -57,16 +58,20 @@ class NaiveDecoder(Decoder):
 
 
 class Sample:
-    """Draw each value from the conditional at ``temperature`` (uniforms from ``generator``)."""
+    """Draw each value from the conditional at ``temperature`` (uniforms from ``generator``).
+
+    Any finite temperature > 0 works: the tempered logits are taken relative to their maximum (in
+    float64), so a tiny temperature tends to the argmax instead of overflowing."""
 
     def __init__(self, generator: torch.Generator | None = None, temperature: float = 1.0) -> None:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.generator, self.temperature = generator, temperature
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        self.generator, self.temperature = generator, float(temperature)
 
     def __call__(self, log_probs: Tensor, c: int, h: int, w: int) -> Tensor:
         if self.temperature != 1.0:
-            log_probs = (log_probs / self.temperature).log_softmax(dim=-1)
+            log_probs = log_probs.double()
+            log_probs = ((log_probs - log_probs.amax(dim=-1, keepdim=True)) / self.temperature).log_softmax(dim=-1)
         device = self.generator.device if self.generator is not None else log_probs.device
         uniform = torch.rand(log_probs.shape[0], generator=self.generator, device=device, dtype=torch.float64)
         return sample_inverse_cdf(log_probs, uniform.to(log_probs.device))

@@ -37,9 +37,6 @@ class Head:
     def conditional(self, params: Tensor, x: Tensor, c: int) -> Tensor:
         raise NotImplementedError
 
-    def config(self) -> dict:
-        return {"head": self.name}
-
 
 class PerDimensionHead(Head):
     """A head whose dimensions have parameters of their own: ``params_per_dim`` per dimension,
@@ -126,9 +123,6 @@ class DiscretizedLogisticMixture(Head):
         super().__init__(num_levels)
         self.num_mixtures = num_mixtures
 
-    def config(self) -> dict:
-        return {"head": self.name, "num_mixtures": self.num_mixtures}
-
     def param_channels(self, channels: int) -> int:
         return self.num_mixtures * (1 + 2 * channels + channels * (channels - 1) // 2)
 
@@ -194,14 +188,6 @@ class DiscretizedLogisticMixture(Head):
         return torch.logsumexp(log_weights.unsqueeze(1) + per_value, dim=-1)  # [B,K]
 
 
-def make_head(name: str, num_levels: int, **kwargs) -> Head:
-    """Build a head by name: 'bernoulli', 'categorical' or 'discretized_logistic_mixture'."""
-    heads = {h.name: h for h in (Bernoulli, Categorical, DiscretizedLogisticMixture)}
-    if name not in heads:
-        raise ValueError(f"unknown head {name!r}; choose one of {sorted(heads)}")
-    return heads[name](num_levels, **kwargs)
-
-
 def default_head(num_levels: int) -> Head:
     """Bernoulli for K = 2, a K-way softmax otherwise: the head of models that don't choose."""
     return Bernoulli() if num_levels == 2 else Categorical(num_levels)
@@ -212,9 +198,15 @@ def sample_inverse_cdf(log_probs: Tensor, uniform: Tensor) -> Tensor:
 
     Returns the smallest v with CDF(v) > u, so value v is drawn with probability p(v); values of
     probability 0 are never drawn (u is kept below 1, the CDF's rounding absorbed at the top).
+    The result always lies in [0, K): a conditional that is NaN or has no mass (non-finite
+    weights) raises ValueError instead.
     """
     cdf = log_probs.double().exp().cumsum(dim=-1)
-    cdf = cdf / cdf[:, -1:]  # entries after the last non-zero probability become exactly 1
+    total = cdf[:, -1:]
+    if not bool(((total > 0) & torch.isfinite(total)).all()):
+        raise ValueError("a conditional distribution is NaN or has no probability mass: are the model's "
+                         "weights finite?")
+    cdf = cdf / total  # entries after the last non-zero probability become exactly 1
     u = uniform.double().clamp(0.0, 1.0 - 2.0**-53).unsqueeze(-1)
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 

@@ -29,7 +29,7 @@ class MaskedLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, mask: Tensor, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias)
-        self.register_buffer("mask", torch.empty(out_features, in_features))
+        self.register_buffer("mask", torch.empty(out_features, in_features), persistent=False)  # derived, not saved
         self.set_mask(mask)
 
     def set_mask(self, mask: Tensor) -> None:
@@ -42,8 +42,8 @@ class MaskedLinear(nn.Linear):
         return self.weight[rows] * self.mask[rows]
 
     def blocks(self) -> list[tuple[int, int, int, int]] | None:
-        """The current mask's :func:`prefix_blocks`, recomputed whenever the mask changes (``set_mask``,
-        ``load_state_dict``: both write it in place, which bumps its version counter)."""
+        """The current mask's :func:`prefix_blocks`, recomputed whenever the mask changes (``set_mask``
+        writes it in place, which bumps its version counter)."""
         key = (self.mask._version, self.mask.data_ptr())
         if getattr(self, "_blocks_key", None) != key:
             self._blocks, self._blocks_key = prefix_blocks(self.mask), key
@@ -165,7 +165,7 @@ class CausalConv2d(nn.Conv2d):
             raise ValueError(f"stride must be 1 or 2, got {stride}")
         self.causal_padding = tuple(padding)
         self.scale = scale
-        self.register_buffer("mask", mask)
+        self.register_buffer("mask", mask, persistent=False)  # derived from the arguments, not saved
         self.cache: ConvCache | PointwiseCache | None = None
 
     def masked_weight(self) -> Tensor:

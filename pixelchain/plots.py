@@ -1,4 +1,5 @@
-"""PNG figures with PIL: image grids, and completions laid out as in the PixelRNN paper."""
+"""PNG figures with PIL: image grids, completions laid out as in the PixelRNN paper, and the figures
+of a run (``write_figures``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from .data import ImageDataset
+from .run_dir import RunDir
 
 
 def to_pixels(images: Tensor, num_levels: int) -> np.ndarray:
@@ -61,3 +65,27 @@ def bottom_half_occluded(x: Tensor) -> Tensor:
     observed = torch.ones_like(x, dtype=torch.bool)
     observed[:, :, x.shape[2] // 2 :] = False
     return observed
+
+
+def draw_completions(model, test: ImageDataset, path: str | Path, n: int, per_image: int,
+                     generator: torch.Generator | None = None, naive: bool = False,
+                     batch_size: int | None = None) -> Path:
+    """completions figure of ``n`` test images spread over ``test`` (some splits are sorted by
+    class), bottom half occluded, ``per_image`` completions each."""
+    index = torch.linspace(0, len(test) - 1, n).long()
+    x = test.images[index].to(model.device)
+    labels = None if not getattr(model, "num_classes", None) else test.labels[index].repeat_interleave(per_image)
+    observed = bottom_half_occluded(x)
+    done = model.complete(x.repeat_interleave(per_image, 0), observed.repeat_interleave(per_image, 0),
+                          generator=generator, labels=labels, naive=naive, progress=True, batch_size=batch_size)
+    return save_completions(x, observed, done.view(n, per_image, *x.shape[1:]), model.num_levels, path)
+
+
+def write_figures(model, test: ImageDataset, run_dir: str | Path, generator: torch.Generator | None = None,
+                  naive: bool = False) -> None:
+    """A run's figures: samples.png (64 samples) and completions.png (8 test images, 4 each)."""
+    run = RunDir(run_dir)
+    labels = torch.arange(64, device=model.device) % model.num_classes if getattr(model, "num_classes", None) else None
+    samples = model.sample(64, generator=generator, labels=labels, naive=naive, progress=True)
+    save_samples(samples, model.num_levels, run.samples)
+    draw_completions(model, test, run.completions, 8, 4, generator, naive)

@@ -46,9 +46,20 @@ def allocator_pinned() -> tuple[int, int] | None:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda if available (the local rank's GPU under torchrun), else cpu."""
+    """'auto' -> cuda if available (the local rank's GPU under torchrun), else cpu. ValueError for
+    a name torch does not know or a device this machine does not have."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: this machine has no CUDA device (torch {torch.__version__})")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device {name!r}: MPS is not available on this machine")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")

@@ -1,40 +1,109 @@
 """Training by maximum likelihood, and evaluation.
 
 ``fit`` maximises the minibatch mean of log p(x) (a Monte Carlo estimate of E_data log p(x), the
-same as minimising KL(p_data || p_model)) with Adam. It evaluates on the validation split each
-epoch, keeps the best weights (``model.safetensors``), stops early, and checkpoints its whole
-state (``trainer_state.safetensors``: weights, optimiser, position in the epoch, RNG) every
-``checkpoint_seconds``, at each epoch end and on Ctrl-C, so ``resume=True`` continues an
-interrupted run exactly where its last checkpoint left it. Under ``torchrun`` it trains with
-DistributedDataParallel, each process on its shard of every epoch.
+same as minimising KL(p_data || p_model)) with Adam. A :class:`Trainer` does the work in four
+parts: setup (checks, run directory, resume), one epoch, evaluate-and-select (validation NLL, best
+weights in ``model.safetensors``, early stopping) and checkpoint (``trainer_state.safetensors``:
+weights, optimiser, position in the epoch, RNG), written every ``checkpoint_seconds``, at each
+epoch end and on Ctrl-C or SIGTERM, so ``resume=True`` continues an interrupted run exactly where
+its last checkpoint left it. :class:`TrainOptions` holds every setting; the CLI builds its
+``train`` flags from it. Under ``torchrun`` it trains with DistributedDataParallel, each process on
+its shard of every epoch.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CONFIG, WEIGHTS, atomic_write, model_config, save_weights
+from .checkpoint import load_weights, model_config
 from .data import ImageDataset
-
-STATE, METRICS = "trainer_state.safetensors", "metrics.jsonl"
+from .run_dir import CONFIG, STATE, WEIGHTS, RunDir
 
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; the last checkpoint is left as it was."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on a signal (Ctrl-C, SIGTERM) after checkpointing; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# rule -> (what a value must be, test); an option whose default is None may also be None
+_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "count": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "index": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "positive": ("a finite number > 0", lambda v: _is_number(v) and v > 0),
+    "nonnegative": ("a finite number >= 0", lambda v: _is_number(v) and v >= 0),
+    "flag": ("True or False", lambda v: isinstance(v, bool)),
+}
+
+
+def _option(default: Any, rule: str, help: str) -> Any:
+    return field(default=default, metadata={"rule": rule, "help": help})
+
+
+@dataclass
+class TrainOptions:
+    """How ``fit`` trains. Each field is a ``pixelchain train`` flag (``batch_size`` -> ``--batch-size``)
+    with its ``help``; ``validate`` rejects values that would train wrongly."""
+
+    epochs: int = _option(20, "count", "passes over the training split")
+    batch_size: int = _option(64, "count", "images per optimiser step (per process under torchrun)")
+    lr: float = _option(1e-3, "positive", "Adam's learning rate")
+    lr_decay: float = _option(1.0, "positive", "learning-rate factor per epoch")
+    weight_decay: float = _option(0.0, "nonnegative", "L2 penalty on weight matrices and kernels (not biases)")
+    grad_clip: float | None = _option(None, "positive", "clip the gradient norm to this")
+    patience: int | None = _option(None, "count", "stop after this many evaluations without a better valid NLL")
+    max_steps: int | None = _option(None, "count", "stop (resumably) once the run has taken this many steps")
+    max_time: float | None = _option(None, "positive", "stop (resumably) after this many seconds of this call")
+    checkpoint_seconds: float = _option(60.0, "nonnegative", "at most this much training is lost when killed")
+    eval_every: int | None = _option(None, "count", "also evaluate every this many steps inside an epoch")
+    eval_batch_size: int = _option(256, "count", "images per evaluation batch")
+    seed: int = _option(0, "index", "seed of the data order (and of the CLI's initial weights)")
+    compile: bool = _option(False, "flag", "train through torch.compile")
+    amp: bool = _option(False, "flag", "bfloat16 autocast (CUDA)")
+
+    def validate(self) -> None:
+        """ValueError naming the first option that is out of range or of the wrong type."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            want, ok = _RULES[f.metadata["rule"]]
+            if not ((value is None and f.default is None) or ok(value)):
+                raise ValueError(f"{f.name} must be {want}{' or None' if f.default is None else ''}, got {value!r}")
+
+    @classmethod
+    def recorded(cls, train: dict) -> dict:
+        """The options a run recorded in config.json's "train" (batch size per process)."""
+        names = {f.name for f in fields(cls)}
+        options = {k: v for k, v in train.items() if k in names}
+        if "batch_size" in options:
+            options["batch_size"] //= train.get("processes", 1)
+        return options
 
 
 def _rank_world() -> tuple[int, int]:
@@ -56,6 +125,8 @@ def _labels(model: nn.Module, dataset: ImageDataset, index: torch.Tensor) -> tor
 def evaluate(model: nn.Module, dataset: ImageDataset, batch_size: int = 256, progress: bool = False) -> dict:
     """Mean NLL over ``dataset``: {'nll': nats per image, 'bits_per_dim', 'n'} for density
     models, {'nll': nats per label, 'accuracy', 'n'} for classifiers. Shards under torchrun."""
+    if len(dataset) == 0:
+        raise ValueError(f"cannot evaluate on {dataset!r}: it holds no images")
     rank, world = _rank_world()
     device = next(model.parameters()).device
     was_training = model.training
@@ -82,31 +153,33 @@ def evaluate(model: nn.Module, dataset: ImageDataset, batch_size: int = 256, pro
 # ----------------------------------------------------------------------------- trainer state
 def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Weights, optimiser tensors and RNG in one safetensors file, the rest as JSON metadata."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     optim = optimizer.state_dict()
     for index, slots in optim["state"].items():
         for key, value in slots.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous().clone()
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    meta = {**state, "param_groups": optim["param_groups"]}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)}))
+    RunDir(path.parent).write_state(tensors, {**state, "param_groups": optim["param_groups"]})
 
 
 def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model, optimiser and RNG from a trainer state; returns the position. ValueError names
+    the file when it is damaged or belongs to another model or optimiser."""
     device = next(model.parameters()).device
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["state"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    tensors, meta = RunDir(path.parent).read_state()
+    load_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
     slots: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
             slots.setdefault(int(index), {})[name] = value.to(device) if value.dim() else value
-    optimizer.load_state_dict({"state": slots, "param_groups": meta.pop("param_groups")})
-    torch.set_rng_state(tensors["rng.torch"])
+    try:
+        optimizer.load_state_dict({"state": slots, "param_groups": meta.pop("param_groups")})
+        torch.set_rng_state(tensors["rng.torch"])
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise ValueError(f"{path} does not match this model's optimiser (or is damaged): {error}") from None
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return meta
@@ -119,7 +192,7 @@ def _new_state() -> dict:
 
 
 def write_trainer_state(run_dir: str | Path, model: nn.Module, *, lr: float, weight_decay: float = 0.0,
-                        **position) -> None:
+                        **position: Any) -> None:
     """Write a trainer state that ``fit(resume=True)`` continues from: ``model``'s weights, fresh
     Adam moments at learning rate ``lr``, and ``position`` (``step``, ``epoch``, ``batch``,
     ``elapsed`` seconds, ``images``, ``best_valid`` nats). For runs whose optimiser state is gone,
@@ -135,26 +208,26 @@ def write_trainer_state(run_dir: str | Path, model: nn.Module, *, lr: float, wei
 
 
 @contextmanager
-def _stop_on_interrupt(flag: dict):
-    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second one
-    interrupts at once."""
+def _stop_on_signals(flag: dict) -> Iterator[None]:
+    """The first Ctrl-C or SIGTERM asks the loop to checkpoint and stop after the current step; a
+    second one interrupts at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
         if flag["stop"]:
-            raise KeyboardInterrupt
-        flag["stop"] = True
+            raise Interrupted(signum)
+        flag["stop"] = signum
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
-# ----------------------------------------------------------------------------- fit
 def adam(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
     """The trainer's optimiser: Adam, its L2 penalty ``weight_decay`` on weight matrices and kernels
     only (coupled, as in torch.optim.Adam). Biases and gains stay free: the bias of a pixel that is
@@ -170,237 +243,275 @@ def adam(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.
     return torch.optim.Adam(groups, lr=lr, fused=fused or None)
 
 
+# ----------------------------------------------------------------------------- trainer
+class Trainer:
+    """One training run: ``run()`` = setup, then epochs of steps with evaluate-and-select and
+    checkpoints, until the epochs, the patience or a budget (steps, time, a signal) run out.
+    Arguments as :func:`fit`'s."""
+
+    def __init__(self, model: nn.Module, train: ImageDataset, valid: ImageDataset | None, options: TrainOptions,
+                 *, run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+                 info: dict | None = None, monitor: dict[str, ImageDataset] | None = None,
+                 penalty: Callable[[nn.Module], Tensor] | None = None) -> None:
+        options.validate()
+        self.rank, self.world = _rank_world()
+        self.main = self.rank == 0
+        model_config(model)  # fail now, not after an hour, if it could not be saved
+        if len(train) < self.world:
+            raise ValueError(f"{len(train)} training images for {self.world} processes")
+        if valid is not None and len(valid) == 0:
+            raise ValueError(f"the validation set {valid!r} is empty: pass None to train without one")
+        if tuple(train.image_shape) != tuple(model.image_shape) or train.num_levels != model.num_levels:
+            raise ValueError(
+                f"dataset {train.name!r} has images {train.image_shape} with {train.num_levels} levels, the model "
+                f"expects {tuple(model.image_shape)} with {model.num_levels}"
+            )
+        if resume and run_dir is None:
+            raise ValueError("resume=True needs a run_dir")
+        self.model, self.train, self.valid, self.options = model, train, valid, options
+        self.run_dir = RunDir(run_dir) if run_dir is not None else None
+        self.resume, self.progress, self.info, self.monitor, self.penalty = resume, progress, info, monitor, penalty
+        self.device = next(model.parameters()).device
+        self.optimizer = adam(model, options.lr, options.weight_decay)
+        self.state = _new_state()
+        self.best: dict[str, Tensor] | None = None  # in-memory copy of the best weights
+        self.flag = {"stop": 0}  # the signal that asked to stop
+
+    # ----------------------------------------------------------------- setup
+    def setup(self) -> None:
+        """Resume or start the run directory: trainer state, config.json, metrics."""
+        run, opts = self.run_dir, self.options
+        if run is None:
+            return
+        if self.resume:
+            if not (run / STATE).is_file():
+                raise FileNotFoundError(f"nothing to resume: {run / STATE} does not exist")
+            recorded = run.read_config().get("train", {}) if (run / CONFIG).is_file() else {}
+            self.state = _load_state(run / STATE, self.model, self.optimizer)
+            self._check_resumable(recorded)
+            if any(recorded.get(k, getattr(opts, k)) != getattr(opts, k) for k in ("lr", "lr_decay")):
+                for group in self.optimizer.param_groups:  # honour a new schedule from this epoch on
+                    group["lr"] = opts.lr * opts.lr_decay ** self.state["epoch"]
+        elif (run / STATE).exists():
+            raise FileExistsError(f"{run.path} already holds a run: resume it (resume=True) or choose a new run_dir")
+        if self.main:
+            train_config = {**asdict(opts), "batch_size": opts.batch_size * self.world, "processes": self.world,
+                            "penalty": None if self.penalty is None else getattr(self.penalty, "__name__",
+                                                                                 repr(self.penalty))}
+            run.write_config({**model_config(self.model), **(self.info or {}), "train": train_config})
+            if self.resume:
+                # Drop evaluations the checkpoint we resume from does not hold (logged after it was
+                # written, possibly at its own step): they will be redone.
+                run.keep_metrics_until(self.state.get("evaluated_step", self.state["step"]))
+
+    def _check_resumable(self, recorded: dict) -> None:
+        """Reject option changes a resumed run cannot honour (the ones it can, it does)."""
+        opts, state = self.options, self.state
+        now = {"batch_size": opts.batch_size * self.world, "processes": self.world, "seed": opts.seed,
+               "weight_decay": opts.weight_decay}
+        fixed = ["weight_decay"] + (["batch_size", "processes", "seed"] if state["batch"] else [])
+        for key in fixed:
+            if key in recorded and recorded[key] != now[key]:
+                why = ("its optimiser was built with it" if key == "weight_decay" else
+                       f"it stopped inside epoch {state['epoch'] + 1}, whose batches depend on it")
+                raise ValueError(f"{self.run_dir.path} ran with {key} {recorded[key]}, not {now[key]}: {why}; "
+                                 f"resume with {key} {recorded[key]}")
+
+    # ----------------------------------------------------------------- checkpoint
+    def checkpoint(self) -> None:
+        if self.main and self.run_dir is not None:
+            _save_state(self.run_dir / STATE, self.model, self.optimizer, self.state)
+
+    # ----------------------------------------------------------------- evaluate and select
+    def evaluate_and_select(self, epoch: float) -> None:
+        """Validation (best weights, early stopping) and monitored splits; one metrics line."""
+        state, opts, main = self.state, self.options, self.main
+        record = {"step": state["step"], "epoch": round(epoch, 4), "train_nll": state["train_nll"],
+                  "time": round(state["elapsed"], 2), "lr": self.optimizer.param_groups[0]["lr"]}
+        save = self.valid is None
+        if self.valid is not None:
+            metrics = evaluate(self.model, self.valid, opts.eval_batch_size)
+            record.update({f"valid_{k}": v for k, v in metrics.items() if k != "n"})
+            if state["best_valid"] is None or metrics["nll"] < state["best_valid"]:
+                state["best_valid"], state["bad_evals"], save = metrics["nll"], 0, True
+                self.best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            else:
+                state["bad_evals"] += 1
+                if opts.patience is not None and state["bad_evals"] >= opts.patience:
+                    state["finished"] = True
+            if main and self.progress:
+                tqdm.write(f"epoch {epoch:g}: valid NLL {metrics['nll']:.3f} nats"
+                           + (f", {metrics['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in metrics else "")
+                           + (f", accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else ""))
+        if save and main and self.run_dir is not None:
+            self.run_dir.write_weights(self.model.state_dict())
+        for name, dataset in (self.monitor or {}).items():
+            extra = evaluate(self.model, dataset, opts.eval_batch_size)
+            record.update({f"{name}_{k}": v for k, v in extra.items() if k != "n"})
+        state["evaluated_step"] = state["step"]
+        if main and self.run_dir is not None:
+            self.run_dir.append_metrics(record)
+
+    # ----------------------------------------------------------------- one epoch
+    def _out_of_budget(self) -> bool:
+        opts = self.options
+        return (opts.max_time is not None and time.perf_counter() - self.session_start >= opts.max_time) or (
+            opts.max_steps is not None and self.state["step"] >= opts.max_steps)
+
+    def step(self, idx: Tensor, batch: int, epoch: int) -> Tensor:
+        """One optimiser step on the images ``idx``; returns the batch's mean NLL (a tensor)."""
+        model, opts = self.model, self.options
+        gen = None
+        if self.train.intensities is not None:  # fresh, reproducible binarisation
+            gen = torch.Generator().manual_seed(hash((opts.seed, epoch, batch, self.rank)) % 2**62)
+        x = self.train.batch(idx, gen).to(self.device, non_blocking=True)
+        labels = _labels(model, self.train, idx)
+        labels = None if labels is None else labels.to(self.device)
+        with self.autocast:
+            out = self.net(x, labels)
+        loss = -model.log_likelihood(out.float(), x, labels).mean()
+        objective = loss if self.penalty is None else loss + self.penalty(model)
+        if not torch.isfinite(objective):
+            where = f"{self.run_dir / STATE}" if self.run_dir is not None else "nothing (no run_dir)"
+            raise TrainingDiverged(
+                f"the loss became {objective.item()} at step {self.state['step'] + 1} (epoch {epoch + 1}); "
+                f"training stopped and the last checkpoint ({where}) is intact. Lower the learning "
+                "rate or set grad_clip, then resume."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if opts.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+        self.optimizer.step()
+        return loss.detach()
+
+    def train_epoch(self) -> bool:
+        """Train the rest of the current epoch; returns False when it stopped inside the epoch."""
+        state, opts, world = self.state, self.options, self.world
+        epoch = state["epoch"]
+        order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(opts.seed * 100003 + epoch))
+        order = order[: len(order) - len(order) % world][self.rank :: world]
+        batches = order.split(opts.batch_size)
+        bar = tqdm(total=len(batches), initial=state["batch"], desc=f"epoch {epoch + 1}/{opts.epochs}",
+                   disable=not (self.progress and self.main), unit="batch", dynamic_ncols=True)
+        for b in range(state["batch"], len(batches)):
+            loss = self.step(batches[b], b, epoch)
+            state["step"] += 1
+            state["batch"] = b + 1
+            state["images"] += len(batches[b]) * world
+            now = time.perf_counter()
+            state["elapsed"] = now - self.start
+            stop = bool(self.flag["stop"]) or self._out_of_budget()
+            value = loss.item()
+            if world > 1:  # the mean loss over every process, and every process stops at the same step
+                reduced = torch.tensor([value, float(stop)], dtype=torch.float64, device=self.device)
+                dist.all_reduce(reduced)
+                value, stop = reduced[0].item() / world, bool(reduced[1].item())
+            running = state["train_nll"]
+            running = state["train_nll"] = value if running is None or b == 0 else 0.98 * running + 0.02 * value
+            bar.set_postfix(nll=f"{running:.2f}", bpd=f"{running / (self.model.num_dims * math.log(2)):.4f}"
+                            if self.model.kind == "density" else None, refresh=False)
+            bar.update()
+            evaluated = bool(opts.eval_every) and state["step"] % opts.eval_every == 0 and b + 1 < len(batches)
+            if evaluated:
+                self.evaluate_and_select(epoch + (b + 1) / len(batches))
+                stop = stop or state["finished"]
+            if stop or evaluated or now - self.last_checkpoint >= opts.checkpoint_seconds:
+                self.checkpoint()
+                self.last_checkpoint = time.perf_counter()
+            if stop:
+                break
+        bar.close()
+        return state["batch"] >= len(batches)
+
+    # ----------------------------------------------------------------- the run
+    def run(self) -> dict:
+        """Train; returns the summary (see :func:`fit`)."""
+        lock = self.run_dir.lock() if self.run_dir is not None and self.main else nullcontext()
+        with lock:
+            self.setup()
+            return self._loop()
+
+    def _loop(self) -> dict:
+        state, opts = self.state, self.options
+        self.net = torch.compile(self.model) if opts.compile else self.model
+        if self.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=opts.amp and self.device.type == "cuda")
+        self.session_start = time.perf_counter()
+        self.start, self.last_checkpoint = self.session_start - state["elapsed"], self.session_start
+        self.model.train()
+        with _stop_on_signals(self.flag):
+            while state["epoch"] < opts.epochs and not state["finished"] and not (
+                    opts.max_steps is not None and state["step"] >= opts.max_steps):
+                if not self.train_epoch():
+                    break
+                state["epoch"], state["batch"] = state["epoch"] + 1, 0
+                for group in self.optimizer.param_groups:
+                    group["lr"] *= opts.lr_decay
+                self.evaluate_and_select(state["epoch"])
+                state["finished"] = state["finished"] or state["epoch"] >= opts.epochs
+                self.checkpoint()
+                self.last_checkpoint = time.perf_counter()
+                if self.flag["stop"] or self._out_of_budget():
+                    break
+        if self.flag["stop"]:
+            if self.main:
+                tqdm.write(f"interrupted at step {state['step']}; checkpoint saved, resume to continue")
+            raise Interrupted(self.flag["stop"])
+        run = self.run_dir
+        if self.best is None and self.valid is not None and run is not None and (run / WEIGHTS).exists():
+            self.best = run.read_weights(self.device)  # the best came before the resume
+        if self.best is not None:
+            load_weights(self.model, self.best, run / WEIGHTS if run is not None else Path(WEIGHTS))
+        return {
+            "step": state["step"],
+            "epoch": state["epoch"],
+            "finished": state["finished"],
+            "best_valid": state["best_valid"],
+            "elapsed": state["elapsed"],
+            "images_per_s": state["images"] / max(state["elapsed"], 1e-9),
+        }
+
+
 def fit(
     model: nn.Module,
     train: ImageDataset,
     valid: ImageDataset | None = None,
     *,
     run_dir: str | Path | None = None,
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    lr_decay: float = 1.0,
-    weight_decay: float = 0.0,
-    penalty: Callable[[nn.Module], Tensor] | None = None,
-    grad_clip: float | None = None,
-    patience: int | None = None,
-    max_steps: int | None = None,
-    max_time: float | None = None,
-    checkpoint_seconds: float = 60.0,
-    eval_every: int | None = None,
-    eval_batch_size: int = 256,
-    seed: int = 0,
-    compile: bool = False,
-    amp: bool = False,
     resume: bool = False,
     progress: bool = True,
     info: dict | None = None,
     monitor: dict[str, ImageDataset] | None = None,
+    penalty: Callable[[nn.Module], Tensor] | None = None,
+    **options: Any,
 ) -> dict:
     """Train ``model`` on ``train`` by maximum likelihood; returns the run's summary.
 
     Args:
-        run_dir: where config, weights, trainer state and metrics go (None: nothing written).
-        epochs: passes over ``train``; ``lr_decay`` multiplies the learning rate after each.
-        weight_decay: L2 penalty on weight matrices and kernels (not biases), Adam's coupled form.
+        run_dir: where config, weights, trainer state and metrics go (None: nothing written); locked
+            while training, so a second run on it fails at once.
+        resume: continue the run in ``run_dir`` from its trainer state. A new ``lr``/``lr_decay`` is
+            honoured from the current epoch on; ``weight_decay``, and mid-epoch ``batch_size``, the
+            number of processes and ``seed``, must stay as the run recorded them.
+        progress: progress bars and a line per evaluation.
+        info: extra entries for config.json (e.g. the dataset name).
+        monitor: more splits evaluated and logged at each evaluation (e.g. {"test": test} for a
+            curve of test NLL against time); they never steer model selection.
         penalty: a further term added to the mean training NLL (nats per image), ``penalty(model)``
             -> scalar tensor, e.g. a prior on the weights that ``weight_decay`` cannot express. The
             logged training NLL leaves it out; give it again when resuming.
-        patience: stop after this many evaluations without a better validation NLL.
-        max_steps: stop (resumably) once the run has taken this many optimiser steps in all.
-        max_time: stop (resumably) after this many seconds of this call (resumed runs get more).
-        checkpoint_seconds: at most this much training is lost when the process is killed.
-        eval_every: also evaluate every this many optimiser steps inside an epoch (slow models'
-            curves and early stopping need not wait for an epoch's end).
-        compile: train through ``torch.compile``; ``amp``: bfloat16 autocast on CUDA.
-        resume: continue the run in ``run_dir`` from its trainer state.
-        info: extra entries for config.json (e.g. the dataset name).
-        monitor: more splits evaluated and logged after each epoch (e.g. {"test": test} for a
-            curve of test NLL against time); they never steer model selection.
+        options: the fields of :class:`TrainOptions` (epochs, batch_size, lr, ...).
     Returns:
         {'step', 'epoch', 'finished', 'best_valid' (nats), 'elapsed' (s), 'images_per_s'
         (training images per second of wall time, evaluations included)}. With a validation
         set the model ends holding the weights of its best evaluation.
     """
-    rank, world = _rank_world()
-    main = rank == 0
-    device = next(model.parameters()).device
-    run_dir = Path(run_dir) if run_dir is not None else None
-    model_config(model)  # fail now, not after an hour, if it could not be saved
-    if batch_size < 1 or epochs < 1:
-        raise ValueError("batch_size and epochs must be >= 1")
-    if len(train) < world:
-        raise ValueError(f"{len(train)} training images for {world} processes")
-    if tuple(train.image_shape) != tuple(model.image_shape) or train.num_levels != model.num_levels:
-        raise ValueError(
-            f"dataset {train.name!r} has images {train.image_shape} with {train.num_levels} levels, the model "
-            f"expects {tuple(model.image_shape)} with {model.num_levels}"
-        )
+    return Trainer(model, train, valid, TrainOptions(**options), run_dir=run_dir, resume=resume, progress=progress,
+                   info=info, monitor=monitor, penalty=penalty).run()
 
-    optimizer = adam(model, lr, weight_decay)
-    state = _new_state()
-    if run_dir is not None:
-        state_path = run_dir / STATE
-        if resume:
-            if not state_path.is_file():
-                raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
-            state = _load_state(state_path, model, optimizer)
-        elif state_path.exists():
-            raise FileExistsError(f"{run_dir} already holds a run: resume it (resume=True) or choose a new run_dir")
-        if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            config = {**model_config(model), **(info or {}), "train": {
-                "epochs": epochs, "batch_size": batch_size * world, "lr": lr, "lr_decay": lr_decay,
-                "weight_decay": weight_decay, "grad_clip": grad_clip,
-                "penalty": None if penalty is None else getattr(penalty, "__name__", repr(penalty)),
-                "seed": seed, "processes": world}}
-            atomic_write(run_dir / CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-    elif resume:
-        raise ValueError("resume=True needs a run_dir")
 
-    net = torch.compile(model) if compile else model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
-
-    def checkpoint():
-        if main and run_dir is not None:
-            _save_state(run_dir / STATE, model, optimizer, state)
-
-    def log(record):
-        if main and run_dir is not None:
-            with open(run_dir / METRICS, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    if main and run_dir is not None and resume and (run_dir / METRICS).exists():
-        # Drop evaluations the checkpoint we resume from does not hold (logged after it was written,
-        # possibly at its own step): they will be redone.
-        lines = (run_dir / METRICS).read_text().splitlines()
-        evaluated = state.get("evaluated_step", state["step"])  # runs from before the field existed
-        kept = [line for line in lines if json.loads(line)["step"] <= evaluated]
-        (run_dir / METRICS).write_text("".join(line + "\n" for line in kept))
-
-    flag = {"stop": False}
-    best = None  # in-memory copy of the best weights
-
-    def evaluate_and_log(epoch: float) -> None:
-        """Validation (best weights, early stopping) and monitored splits; one metrics line."""
-        nonlocal best
-        record = {"step": state["step"], "epoch": round(epoch, 4), "train_nll": state["train_nll"],
-                  "time": round(state["elapsed"], 2), "lr": optimizer.param_groups[0]["lr"]}
-        if valid is not None:
-            metrics = evaluate(model, valid, eval_batch_size)
-            record.update({f"valid_{k}": v for k, v in metrics.items() if k != "n"})
-            if state["best_valid"] is None or metrics["nll"] < state["best_valid"]:
-                state["best_valid"], state["bad_evals"] = metrics["nll"], 0
-                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                if main and run_dir is not None:
-                    save_weights(model, run_dir / WEIGHTS)
-            else:
-                state["bad_evals"] += 1
-                if patience is not None and state["bad_evals"] >= patience:
-                    state["finished"] = True
-            if main and progress:
-                tqdm.write(f"epoch {epoch:g}: valid NLL {metrics['nll']:.3f} nats"
-                           + (f", {metrics['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in metrics else "")
-                           + (f", accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else ""))
-        elif main and run_dir is not None:
-            save_weights(model, run_dir / WEIGHTS)
-        for name, dataset in (monitor or {}).items():
-            extra = evaluate(model, dataset, eval_batch_size)
-            record.update({f"{name}_{k}": v for k, v in extra.items() if k != "n"})
-        state["evaluated_step"] = state["step"]
-        log(record)
-
-    session_start = time.perf_counter()
-
-    def should_stop() -> bool:
-        return (flag["stop"] or (max_time is not None and time.perf_counter() - session_start >= max_time)
-                or (max_steps is not None and state["step"] >= max_steps))
-    start, last_checkpoint = time.perf_counter() - state["elapsed"], time.perf_counter()
-    model.train()
-    with _stop_on_interrupt(flag):
-        while state["epoch"] < epochs and not state["finished"]:
-            epoch = state["epoch"]
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-            order = order[: len(order) - len(order) % world][rank::world]
-            batches = order.split(batch_size)
-            bar = tqdm(total=len(batches), initial=state["batch"], desc=f"epoch {epoch + 1}/{epochs}",
-                       disable=not (progress and main), unit="batch", dynamic_ncols=True)
-            for b in range(state["batch"], len(batches)):
-                idx = batches[b]
-                gen = None
-                if train.intensities is not None:  # fresh, reproducible binarisation
-                    gen = torch.Generator().manual_seed(hash((seed, epoch, b, rank)) % 2**62)
-                x = train.batch(idx, gen).to(device, non_blocking=True)
-                labels = _labels(model, train, idx)
-                labels = None if labels is None else labels.to(device)
-                with autocast:
-                    out = net(x, labels)
-                loss = -model.log_likelihood(out.float(), x, labels).mean()
-                objective = loss if penalty is None else loss + penalty(model)
-                if not torch.isfinite(objective):
-                    where = f"{run_dir}/{STATE}" if run_dir is not None else "nothing (no run_dir)"
-                    raise TrainingDiverged(
-                        f"the loss became {objective.item()} at step {state['step'] + 1} (epoch {epoch + 1}); "
-                        f"training stopped and the last checkpoint ({where}) is intact. Lower the learning "
-                        "rate or set grad_clip, then resume."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                objective.backward()
-                if grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer.step()
-                state["step"] += 1
-                state["batch"] = b + 1
-                state["images"] += len(idx) * world
-                value, running = loss.item(), state["train_nll"]
-                running = state["train_nll"] = value if running is None or b == 0 else 0.98 * running + 0.02 * value
-                bar.set_postfix(nll=f"{running:.2f}", bpd=f"{running / (model.num_dims * math.log(2)):.4f}"
-                                if model.kind == "density" else None, refresh=False)
-                bar.update()
-                now = time.perf_counter()
-                state["elapsed"] = now - start
-                stop = should_stop()
-                if world > 1:  # every process stops at the same step
-                    stop_t = torch.tensor(float(stop), device=device)
-                    dist.all_reduce(stop_t)
-                    stop = bool(stop_t.item())
-                evaluated = bool(eval_every) and state["step"] % eval_every == 0 and b + 1 < len(batches)
-                if evaluated:
-                    evaluate_and_log(epoch + (b + 1) / len(batches))
-                    stop = stop or state["finished"]
-                if stop or evaluated or now - last_checkpoint >= checkpoint_seconds:
-                    checkpoint()
-                    last_checkpoint = time.perf_counter()
-                if stop:
-                    break
-            bar.close()
-            if state["batch"] < len(batches):  # stopped inside the epoch
-                break
-            state["epoch"], state["batch"] = epoch + 1, 0
-            for group in optimizer.param_groups:
-                group["lr"] *= lr_decay
-            evaluate_and_log(epoch + 1)
-            state["finished"] = state["finished"] or state["epoch"] >= epochs
-            checkpoint()
-            last_checkpoint = time.perf_counter()
-            if should_stop():
-                break
-
-    if flag["stop"]:
-        if main:
-            tqdm.write(f"interrupted at step {state['step']}; checkpoint saved, resume to continue")
-        raise KeyboardInterrupt
-    if best is None and valid is not None and run_dir is not None and (run_dir / WEIGHTS).exists():
-        best = load_file(str(run_dir / WEIGHTS), device=str(device))  # best came before the resume
-    if best is not None:
-        model.load_state_dict(best)
-    return {
-        "step": state["step"],
-        "epoch": state["epoch"],
-        "finished": state["finished"],
-        "best_valid": state["best_valid"],
-        "elapsed": state["elapsed"],
-        "images_per_s": state["images"] / max(state["elapsed"], 1e-9),
-    }
+__all__ = ["Interrupted", "TrainOptions", "Trainer", "TrainingDiverged", "adam", "evaluate", "fit",
+           "write_trainer_state"]

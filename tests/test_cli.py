@@ -21,7 +21,7 @@ def test_train_eval_sample_complete(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test NLL:" in out and "bits/dim" in out
     for name in ("config.json", "model.safetensors", "trainer_state.safetensors", "metrics.jsonl",
-                 "samples.png", "completions.png", "test_metrics.json"):
+                 "samples.png", "completions.png", "result.json"):
         assert (run / name).is_file(), name
     assert json.loads((run / "config.json").read_text())["dataset"]["name"] == "digits"
     # 8 test images, each: original | occluded | 4 completions, on a 3x scaled 8x8 grid.

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import pixelchain as pc
-from pixelchain.train import STATE
+from pixelchain.run_dir import STATE
 
 DROPOUT_MODEL = ("pixelcnn_pp", {"channels": 4, "num_resnet": 1, "num_scales": 2, "num_mixtures": 2, "dropout": 0.3})
 

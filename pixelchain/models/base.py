@@ -12,12 +12,13 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-from ..decode import Decoder, KeepObserved, NaiveDecoder, Sample, decode
+from ..decode import Decoder, KeepObserved, NaiveDecoder, Policy, Sample, decode
 from ..heads import Head
 
 
@@ -35,10 +36,29 @@ def check_images(x: Tensor, image_shape: tuple[int, int, int], num_levels: int) 
             f"x must have shape [B, {', '.join(map(str, image_shape))}] "
             f"(batch, channels, height, width), got {list(x.shape)}"
         )
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch (0 images)")
     x = x.long()
     if x.numel() and (int(x.min()) < 0 or int(x.max()) >= num_levels):
         raise ValueError(f"x values must lie in [0, {num_levels}), found [{int(x.min())}, {int(x.max())}]")
     return x
+
+
+DECODE_BATCH = 256  # images decoded at once by sample / complete: bounds the decoders' memory
+
+
+def is_integer(value: object) -> bool:
+    """An int (numpy's too), not a bool or a float."""
+    return not isinstance(value, bool) and hasattr(type(value), "__index__")
+
+
+def check_sizes(**sizes: int | Sequence[int]) -> None:
+    """Raise ValueError unless every size (an int, or a sequence of ints such as MADE's hidden
+    layers) is a positive integer: the check every model constructor runs on its widths and depths."""
+    for name, value in sizes.items():
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not values or not all(is_integer(v) and v >= 1 for v in values):
+            raise ValueError(f"{name} must be a positive integer (or a list of them), got {value!r}")
 
 
 class RecordsInitArgs:
@@ -86,8 +106,8 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
             raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
         if int(image_shape[0]) not in (1, 3):
             raise ValueError(f"image_shape must have 1 or 3 channels, got C={image_shape[0]}")
-        if num_levels < 2:
-            raise ValueError(f"num_levels must be >= 2, got {num_levels}")
+        if not is_integer(num_levels) or num_levels < 2:
+            raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -194,14 +214,16 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         labels: Tensor | None = None,
         naive: bool = False,
         progress: bool = False,
+        batch_size: int | None = DECODE_BATCH,
     ) -> Tensor:
-        """Draw n images: int64 [n, C, H, W]. ``naive=True`` runs the reference decoder."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        """Draw n images: int64 [n, C, H, W], ``batch_size`` at a time (None: all at once).
+        ``naive=True`` runs the reference decoder; a class-conditional model needs ``labels`` [n]."""
+        if not is_integer(n) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
         x = torch.zeros(n, *self.image_shape, dtype=torch.long, device=self.device)
         _, labels = self.check_input(x, labels)
-        with self._eval_mode():
-            return decode(self, x, Sample(generator, temperature), labels, naive=naive, progress=progress)
+        policy = Sample(generator, temperature)
+        return self._decode_in_batches(x, labels, lambda i: policy, batch_size, naive, progress)
 
     def complete(
         self,
@@ -212,19 +234,32 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         labels: Tensor | None = None,
         naive: bool = False,
         progress: bool = False,
+        batch_size: int | None = DECODE_BATCH,
     ) -> Tensor:
-        """Keep x where ``observed`` (bool [B, C, H, W]) is True, sample the rest given it.
+        """Keep x where ``observed`` (bool [B, C, H, W]) is True, sample the rest given it,
+        ``batch_size`` images at a time (None: all at once).
 
         Only dimensions before a missing one in the model's order condition it (the model is
         autoregressive); observed values later in the order are kept but do not inform it.
         """
         x, labels = self.check_input(x, labels)
-        if observed.shape != x.shape or observed.dtype != torch.bool:
-            raise ValueError(f"observed must be a bool tensor of shape {list(x.shape)}, "
-                             f"got {observed.dtype} {list(observed.shape)}")
-        policy = KeepObserved(x, observed.to(x.device), Sample(generator, temperature))
+        if not isinstance(observed, Tensor) or observed.shape != x.shape or observed.dtype != torch.bool:
+            got = f"{observed.dtype} {list(observed.shape)}" if isinstance(observed, Tensor) else type(observed)
+            raise ValueError(f"observed must be a bool tensor of shape {list(x.shape)}, got {got}")
+        observed, fill = observed.to(x.device), Sample(generator, temperature)
+        policy_for = lambda i: KeepObserved(x[i], observed[i], fill)  # noqa: E731
+        return self._decode_in_batches(x, labels, policy_for, batch_size, naive, progress)
+
+    def _decode_in_batches(self, x: Tensor, labels: Tensor | None, policy_for: Callable[[slice], Policy],
+                           batch_size: int | None, naive: bool, progress: bool) -> Tensor:
+        """``decode`` the canvas ``x`` in consecutive slices i of ``batch_size`` with ``policy_for(i)``."""
+        if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
+            raise ValueError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
+        step = len(x) if batch_size is None else batch_size
+        parts = [slice(i, i + step) for i in range(0, len(x), step)]
         with self._eval_mode():
-            return decode(self, x, policy, labels, naive=naive, progress=progress)
+            return torch.cat([decode(self, x[i], policy_for(i), None if labels is None else labels[i], naive=naive,
+                                     progress=progress) for i in parts])
 
     def extra_repr(self) -> str:
         return f"image_shape={self.image_shape}, num_levels={self.num_levels}, head={self.head.name}"

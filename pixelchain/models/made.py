@@ -28,7 +28,7 @@ from ..decode import Decoder
 from ..heads import default_head
 from ..layers import MaskedLinear
 from . import register
-from .base import AutoregressiveModel
+from .base import AutoregressiveModel, check_sizes, is_integer
 
 
 @register("made")
@@ -39,15 +39,15 @@ class MADE(AutoregressiveModel):
         self,
         image_shape: tuple[int, int, int],
         num_levels: int = 2,
-        hidden: Sequence[int] = (500,),
+        hidden: Sequence[int] | int = (500,),
         num_masks: int = 1,
         order_agnostic: bool = False,
         direct: bool = False,
         seed: int = 0,
     ) -> None:
+        check_sizes(hidden=hidden, num_masks=num_masks)
+        hidden = (hidden,) if is_integer(hidden) else tuple(hidden)
         super().__init__(image_shape, num_levels, default_head(num_levels))
-        if num_masks < 1 or not hidden:
-            raise ValueError("MADE needs num_masks >= 1 and at least one hidden layer")
         D = self.num_dims
         self.outputs_per_dim = self.head.params_per_dim
         sizes = [D, *hidden, D * self.outputs_per_dim]
@@ -75,6 +75,8 @@ class MADE(AutoregressiveModel):
         self.num_masks = num_masks
         self.register_buffer("mask_index", torch.zeros((), dtype=torch.long))
         self.use_mask(0)
+        # the masks are derived, not saved: rebuild them from the loaded degrees and mask index
+        self.register_load_state_dict_post_hook(lambda module, keys: module.use_mask(int(module.mask_index)))
 
     def use_mask(self, m: int) -> None:
         """Set every layer's mask to mask ``m`` of the ensemble."""

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..decode import Decoder
 from ..heads import default_head
 from . import register
-from .base import AutoregressiveModel
+from .base import AutoregressiveModel, check_sizes
 
 
 def exclusive_cumsum(x: Tensor, reverse: bool = False, block: int = 16) -> Tensor:
@@ -83,6 +83,7 @@ class NADE(AutoregressiveModel):
     """NADE with ``hidden`` sigmoid units; Bernoulli for K = 2, else a K-way softmax per dim."""
 
     def __init__(self, image_shape: tuple[int, int, int], num_levels: int = 2, hidden: int = 500) -> None:
+        check_sizes(hidden=hidden)
         super().__init__(image_shape, num_levels, default_head(num_levels))
         D = self.num_dims
         self.outputs_per_dim = self.head.params_per_dim

@@ -28,7 +28,7 @@ from ..decode import Decoder
 from ..heads import default_head
 from ..layers import CausalConv2d, Cursor, cached, channel_group_mask, pixelcnn_conv, pointwise_conv
 from . import register
-from .base import AutoregressiveModel
+from .base import AutoregressiveModel, check_sizes
 
 
 class ConvDecoder(Decoder):
@@ -104,6 +104,8 @@ class PixelCNN(AutoregressiveModel):
         input_kernel_size: int = 7,
         head_channels: int = 32,
     ) -> None:
+        check_sizes(channels=channels, num_blocks=num_blocks, kernel_size=kernel_size,
+                    input_kernel_size=input_kernel_size, head_channels=head_channels)
         super().__init__(image_shape, num_levels, default_head(num_levels))
         C = self.image_shape[0]
         self.subpixel = C > 1
@@ -201,6 +203,8 @@ class GatedPixelCNN(AutoregressiveModel):
         head_channels: int = 64,
         num_classes: int | None = None,
     ) -> None:
+        check_sizes(channels=channels, num_layers=num_layers, kernel_size=kernel_size,
+                    input_kernel_size=input_kernel_size, head_channels=head_channels)
         super().__init__(image_shape, num_levels, default_head(num_levels), num_classes)
         C = self.image_shape[0]
         self.subpixel = C > 1
@@ -237,11 +241,6 @@ class GatedPixelCNN(AutoregressiveModel):
         image = self.image(x)
         shifted = [down_shift(pre) for pre in self.vertical_stack(image, labels)]
         return self.horizontal_stack(image, shifted, labels)
-
-    def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0,
-               labels: Tensor | None = None, naive: bool = False, progress: bool = False) -> Tensor:
-        """Draw n images; a class-conditional model needs ``labels`` [n]."""
-        return super().sample(n, generator, temperature, labels, naive, progress)
 
     def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
         return GatedDecoder(self, x, labels, [self.layers[0].horizontal_conv])

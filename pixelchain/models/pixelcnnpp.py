@@ -22,7 +22,7 @@ from ..decode import Decoder
 from ..heads import DiscretizedLogisticMixture
 from ..layers import CausalConv2d, CausalConvTranspose2d
 from . import register
-from .base import AutoregressiveModel
+from .base import AutoregressiveModel, check_sizes
 from .pixelcnn import ConvDecoder
 
 
@@ -75,6 +75,7 @@ class PixelCNNPP(AutoregressiveModel):
         num_mixtures: int = 5,
         dropout: float = 0.5,
     ) -> None:
+        check_sizes(channels=channels, num_resnet=num_resnet, num_scales=num_scales, num_mixtures=num_mixtures)
         super().__init__(image_shape, num_levels, DiscretizedLogisticMixture(num_levels, num_mixtures))
         C, H, W = self.image_shape
         F_ = channels

@@ -36,7 +36,7 @@ from ..layers import (
     unskew,
 )
 from . import register
-from .base import AutoregressiveModel
+from .base import AutoregressiveModel, check_sizes
 
 
 def lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -131,6 +131,7 @@ class PixelRNN(AutoregressiveModel):
     """What both models share: the first masked convolution, the LSTM layers, the output layers."""
 
     def __init__(self, image_shape: tuple[int, int, int], num_levels: int, channels: int) -> None:
+        check_sizes(channels=channels)
         super().__init__(image_shape, num_levels, default_head(num_levels))
         C = self.image_shape[0]
         self.hidden = channels
@@ -156,6 +157,7 @@ class RowLSTM(PixelRNN):
 
     def __init__(self, image_shape: tuple[int, int, int], num_levels: int = 2, channels: int = 16,
                  num_layers: int = 7, kernel_size: int = 3) -> None:
+        check_sizes(num_layers=num_layers, kernel_size=kernel_size)
         super().__init__(image_shape, num_levels, channels)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
@@ -173,6 +175,7 @@ class DiagonalBiLSTM(PixelRNN):
 
     def __init__(self, image_shape: tuple[int, int, int], num_levels: int = 2, channels: int = 16,
                  num_layers: int = 7) -> None:
+        check_sizes(num_layers=num_layers)
         super().__init__(image_shape, num_levels, channels)
         C = self.image_shape[0]
         self.layers.extend(DiagonalBiLSTMLayer(2 * channels, channels, C) for _ in range(num_layers))

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..decode import Decoder
 from ..heads import default_head
 from . import register
-from .base import AutoregressiveModel
+from .base import AutoregressiveModel, check_sizes
 
 
 class KVCache:
@@ -85,6 +85,7 @@ class Transformer(AutoregressiveModel):
 
     def __init__(self, image_shape: tuple[int, int, int], num_levels: int = 2, dim: int = 64,
                  num_layers: int = 4, num_heads: int = 4, dropout: float = 0.0) -> None:
+        check_sizes(dim=dim, num_layers=num_layers, num_heads=num_heads)
         super().__init__(image_shape, num_levels, default_head(num_levels))
         self.num_heads = num_heads
         self.value_embedding = nn.Embedding(num_levels + 1, dim)  # value K stands for "start"
