@@ -98,8 +98,9 @@ class TrainOptions:
 
     @classmethod
     def recorded(cls, train: dict) -> dict:
-        """The options a run recorded in config.json's "train" (batch size per process)."""
-        names = {f.name for f in fields(cls)}
+        """The options a run recorded in config.json's "train" (batch size per process), less the
+        budgets of one call (``max_steps``, ``max_time``): what a resumed run keeps by default."""
+        names = {f.name for f in fields(cls)} - {"max_steps", "max_time"}
         options = {k: v for k, v in train.items() if k in names}
         if "batch_size" in options:
             options["batch_size"] //= train.get("processes", 1)
@@ -287,8 +288,14 @@ class Trainer:
             if not (run / STATE).is_file():
                 raise FileNotFoundError(f"nothing to resume: {run / STATE} does not exist")
             recorded = run.read_config().get("train", {}) if (run / CONFIG).is_file() else {}
+            self._check_unchanged(recorded, ["weight_decay"], "its optimiser was built with it")
             self.state = _load_state(run / STATE, self.model, self.optimizer)
-            self._check_resumable(recorded)
+            if self.state["batch"]:
+                self._check_unchanged(recorded, ["batch_size", "processes", "seed"], f"it stopped inside epoch "
+                                      f"{self.state['epoch'] + 1}, whose batches depend on it")
+            state = self.state  # finished by this call's epochs and patience (a run may be extended)
+            state["finished"] = state["epoch"] >= opts.epochs or (
+                opts.patience is not None and state["bad_evals"] >= opts.patience)
             if any(recorded.get(k, getattr(opts, k)) != getattr(opts, k) for k in ("lr", "lr_decay")):
                 for group in self.optimizer.param_groups:  # honour a new schedule from this epoch on
                     group["lr"] = opts.lr * opts.lr_decay ** self.state["epoch"]
@@ -304,16 +311,13 @@ class Trainer:
                 # written, possibly at its own step): they will be redone.
                 run.keep_metrics_until(self.state.get("evaluated_step", self.state["step"]))
 
-    def _check_resumable(self, recorded: dict) -> None:
-        """Reject option changes a resumed run cannot honour (the ones it can, it does)."""
-        opts, state = self.options, self.state
+    def _check_unchanged(self, recorded: dict, keys: list[str], why: str) -> None:
+        """Reject a resumed run's option changes it cannot honour (the ones it can, it does)."""
+        opts = self.options
         now = {"batch_size": opts.batch_size * self.world, "processes": self.world, "seed": opts.seed,
                "weight_decay": opts.weight_decay}
-        fixed = ["weight_decay"] + (["batch_size", "processes", "seed"] if state["batch"] else [])
-        for key in fixed:
+        for key in keys:
             if key in recorded and recorded[key] != now[key]:
-                why = ("its optimiser was built with it" if key == "weight_decay" else
-                       f"it stopped inside epoch {state['epoch'] + 1}, whose batches depend on it")
                 raise ValueError(f"{self.run_dir.path} ran with {key} {recorded[key]}, not {now[key]}: {why}; "
                                  f"resume with {key} {recorded[key]}")
 

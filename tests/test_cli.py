@@ -73,16 +73,19 @@ def wait_for_checkpoint(run, process, steps=30):
     pytest.fail("training did not checkpoint in time")
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "kill"])
 def test_interrupted_run_resumes_to_the_end(tmp_path, how):
+    """Ctrl-C and SIGTERM (what schedulers send) checkpoint and stop; a killed run resumes from its
+    last checkpoint."""
     run, epochs = tmp_path / "run", 60  # 20 steps per epoch
     process = start_training(run, epochs)
     wait_for_checkpoint(run, process)
-    process.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
+    signum = {"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM, "kill": signal.SIGKILL}[how]
+    process.send_signal(signum)
     output = process.communicate(timeout=60)[0]
-    if how == "ctrl-c":
-        assert process.returncode == 130, output
-        assert "resume" in output
+    if how != "kill":
+        assert process.returncode == 128 + signum, output
+        assert "checkpoint saved" in output and "resume" in output
     else:
         assert process.returncode == -signal.SIGKILL
     done_before = len((run / "metrics.jsonl").read_text().splitlines())

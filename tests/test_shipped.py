@@ -2,7 +2,6 @@
 that were measured: their NLL on the first test images, shipped beside them (check.safetensors),
 is the one recorded when they shipped, on any machine, with or without the dataset."""
 
-import json
 
 import pytest
 import torch
