@@ -21,7 +21,8 @@ BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 RECORDS = Path(__file__).resolve().parent / "records"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-# Benchmarks read the local dataset copies (../shared/data) unless PIXELCHAIN_DATA says otherwise.
+# Benchmarks read dataset copies from a shared/data folder beside the repository, where there is
+# one, unless PIXELCHAIN_DATA says otherwise.
 if "PIXELCHAIN_DATA" not in os.environ and SHARED_DATA.is_dir():
     os.environ["PIXELCHAIN_DATA"] = str(SHARED_DATA)
 

@@ -1,4 +1,4 @@
-"""The first chapter's models on real data, trained on this CPU.
+"""The first chapter's models on real data, trained on a CPU.
 
     python -m benchmarks.fully_visible --runs-dir runs/bench_fv [--max-time 1200]
 
@@ -23,6 +23,7 @@ import pixelchain as pc
 from benchmarks.common import RECORDS, keep_record, machine, write_section
 from pixelchain import runtime
 from pixelchain.plots import write_figures
+from pixelchain.run_dir import RunDir, result_record
 
 RUNS = {
     "fvsbn_caltech": ("fvsbn", "caltech101_silhouettes", {}, {"batch_size": 50, "lr": 3e-3, "lr_decay": 0.97,
@@ -57,12 +58,8 @@ def main() -> None:
                          max_time=args.max_time, resume=args.resume, progress=False, checkpoint_seconds=600,
                          info={"dataset": {"name": dataset}}, **settings)
         metrics = pc.evaluate(model, test)
-        result = {"run": label, "model": name, "dataset": dataset, "train": settings, "test": metrics,
-                  "epochs": summary["epoch"], "steps": summary["step"], "finished": summary["finished"],
-                  "train_seconds": summary["elapsed"],
-                  "parameters": sum(p.numel() for p in model.parameters()), "machine": machine(),
-                  "date": time.strftime("%Y-%m-%d")}
-        (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        RunDir(run_dir).write_result(result_record(model, summary, metrics, run=label, dataset=dataset, train=settings,
+                                                   machine=machine(), date=time.strftime("%Y-%m-%d")))
         keep_record(run_dir, "fully_visible")
         if model.kind == "density":
             write_figures(model, test, run_dir, torch.Generator().manual_seed(0))

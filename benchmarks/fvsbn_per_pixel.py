@@ -38,7 +38,7 @@ import pixelchain as pc
 from benchmarks import common  # noqa: F401  (local dataset copies)
 from benchmarks.train_bmnist import PRESETS
 from pixelchain import runtime
-from pixelchain.run_dir import METRICS, STATE
+from pixelchain.run_dir import METRICS, STATE, RunDir, result_record
 
 RUN = "fvsbn_per_pixel"
 _, _, SETTINGS = PRESETS["fvsbn_l2"]  # batch size, learning rate and its decay; the penalty varies
@@ -155,25 +155,20 @@ def assemble(runs_dir: Path, penalties: list[str]) -> dict:
     run_dir = runs_dir / RUN
     pc.save(model, run_dir, dataset={"name": "binarized_mnist"})
     summaries = [json.loads((p / run / "summary.json").read_text()) for p in fits for run in ("valid", "refit")]
-    test_nll = pc.evaluate(model, test)
     seconds = sum(s["elapsed"] for s in summaries)
     single = {w: pc.evaluate(r, test)["nll"] for w, r in zip(penalties, refits, strict=True)}
-    result = {
-        "preset": RUN, "model": "fvsbn", "hparams": {},
-        "train": {**SETTINGS,
-                  "weight_decay": "per pixel, chosen on valid from " + ", ".join(penalties)},
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "test_nll": test_nll["nll"], "test_bits_per_dim": test_nll["bits_per_dim"],
-        "best_valid_nll": valid_nll.gather(0, choice.unsqueeze(0)).sum().item(),  # selected on it: optimistic
-        "epochs": max(s["epoch"] for s in summaries[1::2]), "steps": max(s["step"] for s in summaries[1::2]),
-        "train_seconds": seconds,
-        "images_per_s": sum(s["images_per_s"] * s["elapsed"] for s in summaries) / seconds,
-        "finished": True, "amp": False, "curve_images": None, "train_images": 60_000, "refit_on": "train+valid",
-        "device": "cpu", "pixels_per_penalty": {w: int((choice == k).sum()) for k, w in enumerate(penalties)},
-        "valid_nll_per_penalty": {w: valid_nll[k].sum().item() for k, w in enumerate(penalties)},
-        "test_nll_per_refit": single,
-    }
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    summary = {"best_valid": valid_nll.gather(0, choice.unsqueeze(0)).sum().item(),  # selected on it: optimistic
+               "epoch": max(s["epoch"] for s in summaries[1::2]), "step": max(s["step"] for s in summaries[1::2]),
+               "elapsed": seconds, "images_per_s": sum(s["images_per_s"] * s["elapsed"] for s in summaries) / seconds,
+               "finished": True}
+    result = result_record(
+        model, summary, pc.evaluate(model, test), preset=RUN, hparams={},
+        train={**SETTINGS, "weight_decay": "per pixel, chosen on valid from " + ", ".join(penalties)},
+        amp=False, curve_images=None, train_images=60_000, refit_on="train+valid", device="cpu",
+        pixels_per_penalty={w: int((choice == k).sum()) for k, w in enumerate(penalties)},
+        valid_nll_per_penalty={w: valid_nll[k].sum().item() for k, w in enumerate(penalties)},
+        test_nll_per_refit=single)
+    RunDir(run_dir).write_result(result)
     print(json.dumps(result, indent=2))
     return result
 

@@ -51,11 +51,11 @@ def main() -> None:
         r = json.loads((run / "result.json").read_text())
         arch = ", ".join(f"{k}={v}" for k, v in r["hparams"].items()) or "-"
         published = PUBLISHED.get(r["preset"], PUBLISHED.get(r["model"]))
-        mark = "" if published is None else (" ✓" if r["test_nll"] <= published else "")
+        mark = "" if published is None else (" ✓" if r["test"]["nll"] <= published else "")
         device = r["device"] + (", bf16 autocast" if r.get("amp") else "")
         epochs = f"{r['steps'] * r['train']['batch_size'] / r.get('train_images', 50_000):.1f}"
         epochs += (f" on {r['refit_on']}" if r.get("refit_on") else "") + ("" if r["finished"] else " (resumable)")
-        rows.append(f"| {r['preset']} | {r['model']} | {arch} | {r['parameters']:,} | **{r['test_nll']:.2f}**{mark} "
+        rows.append(f"| {r['preset']} | {r['model']} | {arch} | {r['parameters']:,} | **{r['test']['nll']:.2f}**{mark} "
                     f"| {'-' if published is None else published} | {epochs} | {r['train_seconds'] / 60:.0f} min "
                     f"| {r['images_per_s']:.0f} | {device} |")
     notes = Path(args.notes).read_text().strip() if args.notes else ""

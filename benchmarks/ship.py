@@ -94,7 +94,7 @@ def write_index() -> None:
              "figure). `pixelchain complete NAME` and `pixelchain sample NAME` redraw them.", ""]
     for name in sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "result.json").is_file()):
         result = json.loads((PRETRAINED_DIR / name / "result.json").read_text())
-        test = result.get("test") or {"nll": result["test_nll"]}
+        test = result["test"]
         score = f"test accuracy {test['accuracy']:.2%}" if "accuracy" in test else f"test NLL {test['nll']:.2f} nats"
         lines.append(f"## {name}\n\n{result['model']}, {score}\n")
         for figure in ("completions", "samples"):

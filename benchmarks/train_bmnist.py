@@ -33,7 +33,7 @@ from benchmarks.common import RECORDS  # (importing benchmarks.common also point
 from pixelchain import runtime
 from pixelchain.checkpoint import PRETRAINED_DIR
 from pixelchain.plots import write_figures
-from pixelchain.run_dir import CONFIG, METRICS, STATE, WEIGHTS
+from pixelchain.run_dir import CONFIG, METRICS, STATE, WEIGHTS, RunDir, result_record
 from pixelchain.train import write_trainer_state
 
 # name -> (model, hyperparameters, training settings). Sizes follow the papers where they give
@@ -159,25 +159,17 @@ def main(argv: list[str] | None = None) -> dict:
         progress=sys.stdout.isatty(), info={"dataset": {"name": "binarized_mnist"}, "preset": args.preset},
         monitor={"test": curve_test}, **settings,
     )
-    test_metrics = pc.evaluate(model, test)
-    params = sum(p.numel() for p in model.parameters())
-    result = {
-        "preset": args.preset, "model": name, "hparams": hparams, "train": settings, "parameters": params,
-        "test_nll": test_metrics["nll"], "test_bits_per_dim": test_metrics["bits_per_dim"],
-        "best_valid_nll": summary["best_valid"], "epochs": summary["epoch"], "steps": summary["step"],
-        "train_seconds": summary["elapsed"], "images_per_s": summary["images_per_s"],
-        "finished": summary["finished"], "amp": args.amp, "curve_images": args.curve_images,
-        "train_images": len(train), "refit_on": train.split if refit else None,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-    }
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    with open(run_dir / "test_metrics.json", "w") as f:
-        json.dump(test_metrics, f)
-    print(f"{args.preset}: test NLL {result['test_nll']:.2f} nats after {summary['epoch']} epochs, "
-          f"{summary['elapsed']:.0f} s ({params:,} parameters, {time.perf_counter() - start:.0f} s this run)")
+    result = result_record(
+        model, summary, pc.evaluate(model, test), preset=args.preset, hparams=hparams, train=settings, amp=args.amp,
+        curve_images=args.curve_images, train_images=len(train), refit_on=train.split if refit else None,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    RunDir(run_dir).write_result(result)
+    print(f"{args.preset}: test NLL {result['test']['nll']:.2f} nats after {summary['epoch']} epochs, "
+          f"{summary['elapsed']:.0f} s ({result['parameters']:,} parameters, {time.perf_counter() - start:.0f} s "
+          "this run)")
     if not args.no_figures:
         write_figures(model, test, run_dir, torch.Generator(device).manual_seed(0))
-    assert math.isfinite(result["test_nll"])
+    assert math.isfinite(result["test"]["nll"])
     return result
 
 

@@ -2,7 +2,7 @@
 
 With glibc's default (dynamic) mmap threshold, PyTorch's large CPU temporaries are mapped and
 unmapped on every step, and every fresh mapping is paid for again in page faults: the conv and
-attention models spent up to half their time in them on our 2-core machine (see BENCHMARKS.md).
+attention models spent up to half their time in them on a 2-core CPU (see BENCHMARKS.md).
 ``configure_allocator`` pins the thresholds, as ``MALLOC_MMAP_THRESHOLD_=1073741824
 MALLOC_TRIM_THRESHOLD_=2147483648`` in the environment would, so that tensors up to 1 GiB are
 reused from the heap: the Gated PixelCNN at pytorch-generative's size (128 channels, batch 128:

@@ -86,17 +86,15 @@ def _read_cifar(paths: list[Path], part: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------- catalogue
-# sha256 of the decompressed payloads, computed here from the local copies and cross-checked:
-# MNIST: ../shared/data/mnist/*.gz, whose .gz sha256/md5 and decompressed md5 equal those printed in
-#   its SOURCE.txt (= the published ones).
-# Fashion-MNIST: /usr/share/datasets/fashion-mnist/*.gz (Debian's dataset-fashion-mnist, recompressed,
-#   so the .gz md5s differ from the published ones); the decompressed md5s equal torchvision's
-#   published raw md5s (f4a8712d..., 9018921c..., 8181f547..., 15d48437...).
-# Binarized MNIST: ../shared/data/binarized_mnist/*.amat.gz; sha256 and md5 of the decompressed .amat
-#   equal its SOURCE.txt, and the md5s the ones published for the original downloads (db28b1a6...).
-# Caltech-101 Silhouettes: ../shared/data/caltech101_silhouettes (not compressed); md5 4483e9c1...
-#   equals the published one.
-# CIFAR-10: the md5s published for the archive and its batches (no local copy here).
+# sha256 of the decompressed payloads, computed from copies of the files and cross-checked:
+# MNIST: the .gz files' sha256/md5 and decompressed md5 equal the published ones.
+# Fashion-MNIST: from Debian's dataset-fashion-mnist (recompressed, so the .gz md5s differ from the
+#   published ones); the decompressed md5s equal torchvision's published raw md5s (f4a8712d...,
+#   9018921c..., 8181f547..., 15d48437...).
+# Binarized MNIST: the md5s of the decompressed .amat equal the ones published for the original
+#   downloads (db28b1a6...).
+# Caltech-101 Silhouettes: md5 4483e9c1... equals the published one.
+# CIFAR-10: the md5s published for the archive and its batches (no copy was at hand).
 
 MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 MNIST_SHA256 = {
