@@ -128,7 +128,7 @@ def cmd_train(args) -> None:
     run = RunDir(run_dir)
     with run.lock() if rank == 0 else contextlib.nullcontext():
         summary = fit(model, train, valid, run_dir=run_dir, resume=args.resume, info={"dataset": dataset},
-                      **dataclasses.asdict(options))
+                      options=options)
         test_metrics = evaluate(model, load_split(dataset, "test"))  # sharded: every process takes part
         if rank != 0:
             return

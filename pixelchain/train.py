@@ -277,6 +277,13 @@ class Trainer:
         self.state = _new_state()
         self.best: dict[str, Tensor] | None = None  # in-memory copy of the best weights
         self.flag = {"stop": 0}  # the signal that asked to stop
+        self.net: nn.Module = torch.compile(model) if options.compile else model
+        if self.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=options.amp and self.device.type == "cuda")
+        # perf_counter() at this call's start, at the run's (less the time of earlier calls), at the last checkpoint
+        self.session_start = self.start = self.last_checkpoint = 0.0
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -438,11 +445,6 @@ class Trainer:
 
     def _loop(self) -> dict:
         state, opts = self.state, self.options
-        self.net = torch.compile(self.model) if opts.compile else self.model
-        if self.world > 1:
-            self.net = nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[self.device] if self.device.type == "cuda" else None)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=opts.amp and self.device.type == "cuda")
         self.session_start = time.perf_counter()
         self.start, self.last_checkpoint = self.session_start - state["elapsed"], self.session_start
         self.model.train()
@@ -490,7 +492,8 @@ def fit(
     info: dict | None = None,
     monitor: dict[str, ImageDataset] | None = None,
     penalty: Callable[[nn.Module], Tensor] | None = None,
-    **options: Any,
+    options: TrainOptions | None = None,
+    **overrides: Any,
 ) -> dict:
     """Train ``model`` on ``train`` by maximum likelihood; returns the run's summary.
 
@@ -507,14 +510,16 @@ def fit(
         penalty: a further term added to the mean training NLL (nats per image), ``penalty(model)``
             -> scalar tensor, e.g. a prior on the weights that ``weight_decay`` cannot express. The
             logged training NLL leaves it out; give it again when resuming.
-        options: the fields of :class:`TrainOptions` (epochs, batch_size, lr, ...).
+        options, overrides: a :class:`TrainOptions` and/or its fields as keywords (epochs=...,
+            batch_size=..., lr=...), the keywords winning.
     Returns:
         {'step', 'epoch', 'finished', 'best_valid' (nats), 'elapsed' (s), 'images_per_s'
         (training images per second of wall time, evaluations included)}. With a validation
         set the model ends holding the weights of its best evaluation.
     """
-    return Trainer(model, train, valid, TrainOptions(**options), run_dir=run_dir, resume=resume, progress=progress,
-                   info=info, monitor=monitor, penalty=penalty).run()
+    options = TrainOptions(**{**asdict(options or TrainOptions()), **overrides})
+    return Trainer(model, train, valid, options, run_dir=run_dir, resume=resume, progress=progress, info=info,
+                   monitor=monitor, penalty=penalty).run()
 
 
 __all__ = ["Interrupted", "TrainOptions", "Trainer", "TrainingDiverged", "adam", "evaluate", "fit",
