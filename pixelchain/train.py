@@ -300,9 +300,9 @@ class Trainer:
             if self.state["batch"]:
                 self._check_unchanged(recorded, ["batch_size", "processes", "seed"], f"it stopped inside epoch "
                                       f"{self.state['epoch'] + 1}, whose batches depend on it")
-            state = self.state  # finished by this call's epochs and patience (a run may be extended)
-            state["finished"] = state["epoch"] >= opts.epochs or (
-                opts.patience is not None and state["bad_evals"] >= opts.patience)
+            state = self.state
+            if state["finished"] and recorded.get("epochs", math.inf) <= state["epoch"] < opts.epochs:
+                state["finished"] = False  # it ran out of epochs, and this call gives it more
             if any(recorded.get(k, getattr(opts, k)) != getattr(opts, k) for k in ("lr", "lr_decay")):
                 for group in self.optimizer.param_groups:  # honour a new schedule from this epoch on
                     group["lr"] = opts.lr * opts.lr_decay ** self.state["epoch"]
