@@ -19,7 +19,6 @@ learning rate), with fresh Adam moments.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
@@ -33,7 +32,7 @@ from benchmarks.common import RECORDS  # (importing benchmarks.common also point
 from pixelchain import runtime
 from pixelchain.checkpoint import PRETRAINED_DIR
 from pixelchain.plots import write_figures
-from pixelchain.run_dir import CONFIG, METRICS, STATE, WEIGHTS, RunDir, result_record
+from pixelchain.run_dir import METRICS, RESULT, STATE, RunDir, result_record
 from pixelchain.train import write_trainer_state
 
 # name -> (model, hyperparameters, training settings). Sizes follow the papers where they give
@@ -85,19 +84,19 @@ def start_from_shipped(preset: str, run_dir: Path, model: torch.nn.Module, setti
                        curve_images: int | None) -> None:
     """Make ``run_dir`` a resumable run holding the shipped checkpoint ``bmnist_PRESET``: its best
     weights, its metrics and its position, with fresh optimiser moments."""
-    source = PRETRAINED_DIR / f"bmnist_{preset}"
-    if not (source / "result.json").is_file():
-        raise SystemExit(f"no shipped checkpoint {source.name} to continue")
-    result = json.loads((source / "result.json").read_text())
+    source = RunDir(PRETRAINED_DIR / f"bmnist_{preset}")
+    if not (source / RESULT).is_file():
+        raise SystemExit(f"no shipped checkpoint {source.path.name} to continue")
+    result = source.read_result()
     if result["finished"]:
-        raise SystemExit(f"{source.name} finished (early stopping or its epoch budget): nothing to continue")
+        raise SystemExit(f"{source.path.name} finished (early stopping or its epoch budget): nothing to continue")
     if result.get("curve_images") != curve_images:
-        raise SystemExit(f"{source.name} scored its curve with --curve-images {result.get('curve_images')}; "
+        raise SystemExit(f"{source.path.name} scored its curve with --curve-images {result.get('curve_images')}; "
                          "pass the same so its record stays comparable")
-    model.load_state_dict(pc.load(source).state_dict())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG, WEIGHTS):
-        shutil.copy(source / name, run_dir / name)
+    model.load_state_dict(pc.load(source.path).state_dict())
+    run = RunDir(run_dir)
+    run.write_config(source.read_config())
+    run.write_weights(model.state_dict())
     record = RECORDS / "bmnist" / preset / METRICS
     if record.is_file():  # evaluations after the shipped step are dropped when the run resumes
         shutil.copy(record, run_dir / METRICS)
