@@ -114,3 +114,21 @@ def test_data_parallel_training_under_torchrun(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [20, 40]  # 1256 images -> 628 per process -> 20 batches of <= 32
     assert json.loads((run / "config.json").read_text())["train"]["processes"] == 2
+
+
+def test_train_flags_are_the_training_options():
+    """pixelchain train's flags are built from TrainOptions: one per field, defaults from the dataclass
+    (or, when resuming, from the run's record)."""
+    import dataclasses
+
+    from pixelchain.cli import build_parser, train_options
+    from pixelchain.train import TrainOptions
+
+    parse = build_parser().parse_args
+    args = parse(["train", "fvsbn", "--epochs", "3", "--lr-decay", "0.5", "--amp", "--max-time", "9"])
+    assert train_options(args, {}) == TrainOptions(epochs=3, lr_decay=0.5, amp=True, max_time=9.0)
+    assert train_options(parse(["train", "fvsbn"]), {"lr": 0.1, "epochs": 7}) == TrainOptions(lr=0.1, epochs=7)
+    every = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainOptions)]
+    given = parse(["train", "fvsbn", *[x for flag in every for x in ([flag] if flag in ("--compile", "--amp")
+                                                                     else [flag, "1"])]])
+    assert all(hasattr(given, f.name) for f in dataclasses.fields(TrainOptions))
