@@ -189,7 +189,7 @@ def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) 
 def _new_state() -> dict:
     """The trainer's position before its first step (saved as JSON in the trainer state)."""
     return {"step": 0, "epoch": 0, "batch": 0, "best_valid": None, "bad_evals": 0, "elapsed": 0.0,
-            "images": 0, "finished": False, "train_nll": None, "evaluated_step": -1}
+            "images": 0, "finished": False, "early_stopped": False, "train_nll": None, "evaluated_step": -1}
 
 
 def write_trainer_state(run_dir: str | Path, model: nn.Module, *, lr: float, weight_decay: float = 0.0,
@@ -301,7 +301,8 @@ class Trainer:
                 self._check_unchanged(recorded, ["batch_size", "processes", "seed"], f"it stopped inside epoch "
                                       f"{self.state['epoch'] + 1}, whose batches depend on it")
             state = self.state
-            if state["finished"] and recorded.get("epochs", math.inf) <= state["epoch"] < opts.epochs:
+            early = state.get("early_stopped", state["bad_evals"] > 0)  # older states: did it ever get worse?
+            if state["finished"] and not early and state["epoch"] < opts.epochs:
                 state["finished"] = False  # it ran out of epochs, and this call gives it more
             if any(recorded.get(k, getattr(opts, k)) != getattr(opts, k) for k in ("lr", "lr_decay")):
                 for group in self.optimizer.param_groups:  # honour a new schedule from this epoch on
@@ -349,7 +350,7 @@ class Trainer:
             else:
                 state["bad_evals"] += 1
                 if opts.patience is not None and state["bad_evals"] >= opts.patience:
-                    state["finished"] = True
+                    state["finished"] = state["early_stopped"] = True
             if main and self.progress:
                 tqdm.write(f"epoch {epoch:g}: valid NLL {metrics['nll']:.3f} nats"
                            + (f", {metrics['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in metrics else "")
