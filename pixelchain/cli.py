@@ -195,9 +195,11 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainOptions field (``max_time`` -> ``--max-time``). Flags not given stay out
     of the namespace, so a resumed run keeps its recorded options."""
     for f in dataclasses.fields(TrainOptions):
-        flag, shown = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
+        flag, shown = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        shown += "" if f.default is None else f" (default: {f.default})"
+        if f.type == "bool":  # --amp / --no-amp: a resumed run's recorded choice can be turned either way
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=_FLAG_TYPES[f.type], default=argparse.SUPPRESS, help=shown)
 

@@ -128,6 +128,7 @@ def test_train_flags_are_the_training_options():
     args = parse(["train", "fvsbn", "--epochs", "3", "--lr-decay", "0.5", "--amp", "--max-time", "9"])
     assert train_options(args, {}) == TrainOptions(epochs=3, lr_decay=0.5, amp=True, max_time=9.0)
     assert train_options(parse(["train", "fvsbn"]), {"lr": 0.1, "epochs": 7}) == TrainOptions(lr=0.1, epochs=7)
+    assert train_options(parse(["train", "fvsbn", "--no-amp"]), {"amp": True}) == TrainOptions(amp=False)
     every = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainOptions)]
     given = parse(["train", "fvsbn", *[x for flag in every for x in ([flag] if flag in ("--compile", "--amp")
                                                                      else [flag, "1"])]])
