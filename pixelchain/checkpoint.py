@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +33,7 @@ def model_config(model: nn.Module) -> dict:
     return {"model": model.name, "args": args, "pixelchain_version": __version__}
 
 
-def save(model: nn.Module, run_dir: str | Path, **info) -> Path:
+def save(model: nn.Module, run_dir: str | Path, **info: Any) -> Path:
     """Write ``config.json`` (model, constructor arguments, ``info`` such as the dataset) and
     ``model.safetensors`` into ``run_dir``; returns the directory."""
     run = RunDir(run_dir)

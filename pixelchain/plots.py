@@ -67,7 +67,7 @@ def bottom_half_occluded(x: Tensor) -> Tensor:
     return observed
 
 
-def draw_completions(model, test: ImageDataset, path: str | Path, n: int, per_image: int,
+def draw_completions(model: torch.nn.Module, test: ImageDataset, path: str | Path, n: int, per_image: int,
                      generator: torch.Generator | None = None, naive: bool = False,
                      batch_size: int | None = None) -> Path:
     """completions figure of ``n`` test images spread over ``test`` (some splits are sorted by
@@ -81,8 +81,8 @@ def draw_completions(model, test: ImageDataset, path: str | Path, n: int, per_im
     return save_completions(x, observed, done.view(n, per_image, *x.shape[1:]), model.num_levels, path)
 
 
-def write_figures(model, test: ImageDataset, run_dir: str | Path, generator: torch.Generator | None = None,
-                  naive: bool = False) -> None:
+def write_figures(model: torch.nn.Module, test: ImageDataset, run_dir: str | Path,
+                  generator: torch.Generator | None = None, naive: bool = False) -> None:
     """A run's figures: samples.png (64 samples) and completions.png (8 test images, 4 each)."""
     run = RunDir(run_dir)
     labels = torch.arange(64, device=model.device) % model.num_classes if getattr(model, "num_classes", None) else None

@@ -135,6 +135,7 @@ class RunDir:
 
     # ----------------------------------------------------------------- config
     def write_config(self, config: dict) -> None:
+        """config.json (creating the directory)."""
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write(self / CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
 
