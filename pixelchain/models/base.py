@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..decode import Decoder, KeepObserved, NaiveDecoder, Policy, Sample, decode
 from ..heads import Head
@@ -164,6 +165,12 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
     def log_prob(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """Exact log p(x) in nats: x int64 [B, C, H, W] in [0, K) -> [B]."""
         return self.log_prob_map(x, labels).flatten(1).sum(1)
+
+    def log_prob_batches(self, batches: list[Tensor], progress: bool = False) -> Tensor:
+        """log p(x) in nats (float64, on the model's device) of every image of ``batches`` (each
+        [B, C, H, W], moved to the device one at a time), in order: what evaluation calls."""
+        return torch.cat([self.log_prob(x.to(self.device)).double()
+                          for x in tqdm(batches, desc="evaluating", disable=not progress, leave=False)])
 
     def bits_per_dim(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """-log2 p(x) / D: [B]."""

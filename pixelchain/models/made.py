@@ -6,10 +6,13 @@ layer below with degree <= its own (outputs: strictly below), so output d depend
 
 ``num_masks`` M > 1 trains an ensemble of M (order, connectivity) pairs, one per minibatch
 (order-agnostic when ``order_agnostic``); the test likelihood is the log of the mean of the M
-likelihoods (logsumexp - log M). ``log_prob_map``, sampling and completion use mask 0, whose
-order is the model's ``decoding_order``. Masks multiply the weights in the forward pass, so a
-weight masked in one mask keeps training under the others. ``direct`` adds the paper's direct
-input-to-output connections (a fully visible model beside the hidden layers).
+likelihoods (logsumexp - log M). Each mask is built once, when first used, and kept (as bytes:
+about M / 4 times the size of the float32 weights), so cycling them only copies them into the
+layers; evaluation loops over the masks outside the batches (``log_prob_batches``).
+``log_prob_map``, sampling and completion use mask 0, whose order is the model's
+``decoding_order``. Masks multiply the weights in the forward pass, so a weight masked in one mask
+keeps training under the others. ``direct`` adds the paper's direct input-to-output connections
+(a fully visible model beside the hidden layers).
 
 With one mask the hidden units are sorted by degree, so in raster order every mask connects a
 prefix of the layer below and the masked products skip the masked-out half (``MaskedLinear``).
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..decode import Decoder
 from ..heads import default_head
@@ -74,20 +78,34 @@ class MADE(AutoregressiveModel):
         self.hidden = tuple(hidden)
         self.num_masks = num_masks
         self.register_buffer("mask_index", torch.zeros((), dtype=torch.long))
+        self.built: dict[int, list[Tensor]] = {}  # mask m -> its layers' masks (and direct's)
+        self.built_from: tuple | None = None  # the degrees they were built from
         self.use_mask(0)
         # the masks are derived, not saved: rebuild them from the loaded degrees and mask index
         self.register_load_state_dict_post_hook(lambda module, keys: module.use_mask(int(module.mask_index)))
 
+    def masks(self, m: int) -> list[Tensor]:
+        """Mask ``m``'s bool masks of the layers (and of the direct connections), built on first use
+        and kept until the degrees change (loading weights) or move to another device."""
+        key = (self.input_degree._version, self.hidden_degree._version, self.input_degree.device)
+        if self.built_from != key:
+            self.built, self.built_from = {}, key
+        if m not in self.built:
+            degrees = [self.input_degree[m], *self.hidden_degree[m].split(list(self.hidden))]
+            out_degree = self.input_degree[m].repeat_interleave(self.outputs_per_dim)
+            # hidden units see degrees <= their own, outputs strictly lower ones
+            masks = [d_out.unsqueeze(1) >= d_in.unsqueeze(0) for d_in, d_out in zip(degrees, degrees[1:], strict=False)]
+            masks.append(out_degree.unsqueeze(1) > degrees[-1].unsqueeze(0))
+            if self.direct is not None:
+                masks.append(out_degree.unsqueeze(1) > self.input_degree[m].unsqueeze(0))
+            self.built[m] = masks
+        return self.built[m]
+
     def use_mask(self, m: int) -> None:
         """Set every layer's mask to mask ``m`` of the ensemble."""
-        degrees = [self.input_degree[m], *self.hidden_degree[m].split(list(self.hidden))]
-        out_degree = self.input_degree[m].repeat_interleave(self.outputs_per_dim)
-        for layer, d_in, d_out in zip(self.layers, degrees, [*degrees[1:], out_degree], strict=True):
-            # hidden units see degrees <= their own, outputs strictly lower ones
-            last = layer is self.layers[-1]
-            layer.set_mask(d_out.unsqueeze(1) > d_in.unsqueeze(0) if last else d_out.unsqueeze(1) >= d_in.unsqueeze(0))
-        if self.direct is not None:
-            self.direct.set_mask(out_degree.unsqueeze(1) > self.input_degree[m].unsqueeze(0))
+        layers = [*self.layers, *([self.direct] if self.direct is not None else [])]
+        for layer, mask in zip(layers, self.masks(m), strict=True):
+            layer.set_mask(mask)
         self.mask_index.fill_(m)
 
     def decoding_order(self) -> list[tuple[int, int, int]]:
@@ -129,14 +147,21 @@ class MADE(AutoregressiveModel):
         likelihoods (logsumexp - log M), never an average of logits."""
         if self.num_masks == 1:
             return super().log_prob(x, labels)
-        x, labels = self.check_input(x, labels)
-        current = int(self.mask_index)
-        per_mask = []
-        for m in range(self.num_masks):
+        return self.log_prob_batches([self.check_input(x, labels)[0]]).to(self.dtype)
+
+    def log_prob_batches(self, batches: list[Tensor], progress: bool = False) -> Tensor:
+        """The ensemble's log p(x) (float64) of every image of ``batches``, one mask at a time: each
+        mask set once for all the batches."""
+        if self.num_masks == 1:
+            return super().log_prob_batches(batches, progress)
+        current, total = int(self.mask_index), None
+        for m in tqdm(range(self.num_masks), desc="evaluating masks", disable=not progress, leave=False):
             self.use_mask(m)
-            per_mask.append(self.head.log_prob(self.params(x), x).flatten(1).sum(1))
+            per_image = torch.cat([self.head.log_prob(self.params(x), x).flatten(1).sum(1).double()
+                                   for x in (x.to(self.device) for x in batches)])
+            total = per_image if total is None else torch.logaddexp(total, per_image)
         self.use_mask(current)
-        return torch.logsumexp(torch.stack(per_mask), dim=0) - math.log(self.num_masks)
+        return total - math.log(self.num_masks)
 
     def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
         return MADEDecoder(self, x, labels)
