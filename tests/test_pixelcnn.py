@@ -53,3 +53,14 @@ def test_pointwise_convolutions_as_matrix_products_equal_conv2d(groups):
     for got, want in zip(torch.autograd.grad(y, (x, conv.weight, conv.bias), g),
                          torch.autograd.grad(reference, (x, conv.weight, conv.bias), g), strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_dropout_only_in_training():
+    """PixelCNN's ``dropout`` adds no parameters and changes nothing in evaluation (the exact
+    likelihood); in training it perturbs the parameters of the conditionals."""
+    plain = build("pixelcnn", (1, 6, 5), channels=8, num_blocks=2)
+    dropped = build("pixelcnn", (1, 6, 5), channels=8, num_blocks=2, dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 2, (4, 1, 6, 5))
+    torch.testing.assert_close(dropped.log_prob(x), plain.log_prob(x), rtol=0, atol=0)
+    assert not torch.equal(dropped.train()(x), plain(x))

@@ -77,22 +77,24 @@ class ConvDecoder(Decoder):
 
 # --------------------------------------------------------------------------- PixelCNN
 class ResidualBlock(nn.Module):
-    """x + 1x1(ReLU(masked kxk(ReLU(1x1(ReLU(x)))))), 2h -> h -> h -> 2h channels."""
+    """x + 1x1(dropout(ReLU(masked kxk(ReLU(1x1(ReLU(x))))))), 2h -> h -> h -> 2h channels."""
 
-    def __init__(self, channels: int, kernel_size: int, groups: int) -> None:
+    def __init__(self, channels: int, kernel_size: int, groups: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.reduce = pointwise_conv(2 * channels, channels, groups)
         self.conv = pixelcnn_conv(channels, channels, kernel_size, "B", groups)
         self.expand = pointwise_conv(channels, 2 * channels, groups)
+        self.dropout = dropout
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv(F.relu(self.reduce(F.relu(x))))
-        return x + self.expand(F.relu(h))
+        return x + self.expand(F.dropout(F.relu(h), self.dropout, self.training))
 
 
 @register("pixelcnn")
 class PixelCNN(AutoregressiveModel):
-    """PixelCNN: ``num_blocks`` residual blocks of ``channels`` (stream of 2 * channels)."""
+    """PixelCNN: ``num_blocks`` residual blocks of ``channels`` (stream of 2 * channels);
+    ``dropout``: the rate inside each block, in training (a regulariser: no parameters)."""
 
     def __init__(
         self,
@@ -103,14 +105,17 @@ class PixelCNN(AutoregressiveModel):
         kernel_size: int = 3,
         input_kernel_size: int = 7,
         head_channels: int = 32,
+        dropout: float = 0.0,
     ) -> None:
         check_sizes(channels=channels, num_blocks=num_blocks, kernel_size=kernel_size,
                     input_kernel_size=input_kernel_size, head_channels=head_channels)
         super().__init__(image_shape, num_levels, default_head(num_levels))
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         C = self.image_shape[0]
         self.subpixel = C > 1
         self.input_conv = pixelcnn_conv(C, 2 * channels, input_kernel_size, "A", C)
-        self.blocks = nn.Sequential(*[ResidualBlock(channels, kernel_size, C) for _ in range(num_blocks)])
+        self.blocks = nn.Sequential(*[ResidualBlock(channels, kernel_size, C, dropout) for _ in range(num_blocks)])
         self.head_layers = nn.Sequential(
             nn.ReLU(), pointwise_conv(2 * channels, head_channels, C),
             nn.ReLU(), pointwise_conv(head_channels, self.param_channels, C),
