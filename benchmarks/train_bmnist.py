@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (pc.fit(compile=True))")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--from-shipped", action="store_true",
                         help="continue the shipped checkpoint bmnist_PRESET (when RUNS_DIR has no run of it yet)")
@@ -170,12 +171,12 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     summary = pc.fit(
         model, train, curve_valid, run_dir=run_dir, epochs=epochs, patience=args.patience,
-        max_time=args.max_time, eval_every=args.eval_every, amp=args.amp, resume=resume,
+        max_time=args.max_time, eval_every=args.eval_every, amp=args.amp, compile=args.compile, resume=resume,
         progress=sys.stdout.isatty(), info={"dataset": {"name": "binarized_mnist"}, "preset": args.preset},
         monitor={"test": curve_test}, **settings,
     )
     result = result_record(
-        model, summary, pc.evaluate(model, test), preset=args.preset, hparams=hparams, train=settings, amp=args.amp,
+        model, summary, pc.evaluate(model, test), preset=args.preset, hparams=hparams, train=settings, amp=args.amp, compile=args.compile,
         curve_images=args.curve_images, train_images=len(train), refit_on=train.split if refit else None,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     RunDir(run_dir).write_result(result)
