@@ -141,7 +141,6 @@ class DiagonalBiLSTMLayer(nn.Module):
 
     def __init__(self, channels: int, hidden: int, groups: int) -> None:
         super().__init__()
-        self.hidden = hidden
         self.input_to_state = nn.ModuleList([
             input_to_state(channels, hidden, groups, 1),  # left to right: z at the pixel, masked
             nn.Conv2d(channels + groups, 4 * hidden, 1),  # right to left: z and the C = groups pixels
