@@ -8,8 +8,8 @@ continued from where the repository left it, and what it reached packed for the 
     python -m benchmarks.report --runs-dir runs/gpu                  # keep the records, rebuild the table
     python -m benchmarks.ship --runs-dir runs/gpu PRESET ...          # where a figure improved
 
-``run`` starts one ``benchmarks.train_bmnist`` process per preset (bf16 autocast; ``--compile``
-compiles the convolutional and attention models), each from its shipped checkpoint when there is an
+``run`` starts one ``benchmarks.train_bmnist`` process per preset (bf16 autocast; with ``--compile``,
+torch.compile for the convolutional and attention presets), each from its shipped checkpoint when there is an
 unfinished one (``--from-shipped``), from its run directory when an earlier call of this session
 left one (``--resume``), else from scratch; presets whose shipped run finished (early stopping) are
 skipped. Training stops resumably ``RESERVE`` seconds before the minutes are up (the final test
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> None:
     if args.smoke:
         shutil.rmtree(runs, ignore_errors=True)
     limit = args.smoke_images if args.smoke else None
-    processes = launch(presets, runs, args.device, total - RESERVE, not args.no_compile, limit)
+    processes = launch(presets, runs, args.device, total - RESERVE, args.compile, limit)
     wait(processes, start + total)
     lines = pack(runs, list(processes), Path(args.out))
     print("\n".join(lines))
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--smoke", action="store_true", help="a ~1 minute test of the same commands on a few images")
     p.add_argument("--smoke-images", type=int, default=1000, help="images of each split in --smoke")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--no-compile", action="store_true", help="no torch.compile, for any preset")
+    p.add_argument("--compile", action="store_true", help=f"torch.compile {', '.join(sorted(COMPILED))}")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "gpu_session"))
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_out"), help="where the files to bring back go")
     p.set_defaults(handler=run)
