@@ -38,8 +38,8 @@ from pathlib import Path
 
 from benchmarks.common import SHARED_DATA
 from benchmarks.train_bmnist import PRESETS
-from pixelchain.checkpoint import CONFIG, PRETRAINED_DIR, WEIGHTS
-from pixelchain.train import METRICS, STATE
+from pixelchain.checkpoint import PRETRAINED_DIR
+from pixelchain.run_dir import CONFIG, METRICS, RESULT, STATE, WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
 CARRIED_DATA = ROOT / ".carry" / "data"  # .carry/ is ignored by git; name it in the run's carry
@@ -51,7 +51,7 @@ GPU_PRESETS: dict[str, list[str]] = {
 COMPILED = {"gated_pixelcnn", "transformer", "pixelcnn_drop10", "pixelcnn_drop30", "pixelcnn_drop30_l2"}
 RESERVE, SMOKE_SECONDS = 60.0, 20.0
 ARCHIVE_BYTES = 15 << 20
-RECORD_FILES = ("result.json", METRICS, CONFIG, "test_metrics.json")
+RECORD_FILES = (RESULT, METRICS, CONFIG)
 
 
 def start_option(preset: str, runs: Path) -> list[str] | None:
@@ -119,7 +119,7 @@ def pack(runs: Path, presets: list[str], out: Path) -> list[str]:
                 continue
             r = json.loads((run / "result.json").read_text())
             weights = run / WEIGHTS
-            line = (f"{preset}: test NLL {r['test_nll']:.2f} (best valid {r['best_valid_nll'] or float('nan'):.2f}) "
+            line = (f"{preset}: test NLL {r['test']['nll']:.2f} (best valid {r['best_valid_nll'] or float('nan'):.2f}) "
                     f"after {r['steps'] * r['train']['batch_size'] / r['train_images']:.1f} epochs, "
                     f"{r['train_seconds'] / 60:.1f} min, {r['images_per_s']:.0f} img/s, finished {r['finished']}")
             if weights.stat().st_size + 4096 > ARCHIVE_BYTES:

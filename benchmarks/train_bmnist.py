@@ -176,8 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
         monitor={"test": curve_test}, **settings,
     )
     result = result_record(
-        model, summary, pc.evaluate(model, test), preset=args.preset, hparams=hparams, train=settings, amp=args.amp, compile=args.compile,
-        curve_images=args.curve_images, train_images=len(train), refit_on=train.split if refit else None,
+        model, summary, pc.evaluate(model, test), preset=args.preset, hparams=hparams, train=settings, amp=args.amp,
+        compile=args.compile, curve_images=args.curve_images, train_images=len(train),
+        refit_on=train.split if refit else None,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     RunDir(run_dir).write_result(result)
     print(f"{args.preset}: test NLL {result['test']['nll']:.2f} nats after {summary['epoch']} epochs, "

@@ -23,7 +23,7 @@ def test_pack_and_unpack(tmp_path, monkeypatch):
     sizes = {"a": 3_000, "b": 3_000, "c": 30_000}  # a and b share an archive; c's weights stay there
     for preset, size in sizes.items():
         (runs / preset).mkdir(parents=True)
-        result = {"test_nll": 90.0, "best_valid_nll": 91.0, "steps": 10, "train": {"batch_size": 5},
+        result = {"test": {"nll": 90.0}, "best_valid_nll": 91.0, "steps": 10, "train": {"batch_size": 5},
                   "train_images": 50, "train_seconds": 60.0, "images_per_s": 1.0, "finished": False}
         (runs / preset / "result.json").write_text(json.dumps(result))
         (runs / preset / "metrics.jsonl").write_text("{}\n")
