@@ -22,6 +22,7 @@ import torch
 import pixelchain as pc
 from benchmarks.common import RECORDS, keep_record, machine, write_section
 from pixelchain import runtime
+from pixelchain.checkpoint import build
 from pixelchain.plots import write_figures
 from pixelchain.run_dir import RunDir, result_record
 
@@ -51,7 +52,7 @@ def main() -> None:
         name, dataset, hparams, settings = RUNS[label]
         train, valid, test = (pc.data.load(dataset, s) for s in ("train", "valid", "test"))
         torch.manual_seed(0)
-        model = pc.create(name, train.image_shape, train.num_levels, **hparams)
+        model = build(name, train.image_shape, train.num_levels, **hparams)
         run_dir = Path(args.runs_dir) / label
         start = time.perf_counter()
         summary = pc.fit(model, train, valid, run_dir=run_dir, epochs=args.epochs, patience=8,

@@ -11,12 +11,13 @@
 
 __version__ = "0.1.0"
 
-from . import data  # noqa: E402
+from . import classifiers, data  # noqa: E402
 from .checkpoint import load, pretrained, save  # noqa: E402
 from .models import create, list_models  # noqa: E402
 from .train import TrainingDiverged, TrainOptions, evaluate, fit  # noqa: E402
 
 __all__ = [
-    "TrainOptions", "TrainingDiverged", "__version__", "create", "data", "evaluate", "fit", "list_models", "load",
+    "TrainOptions", "TrainingDiverged", "__version__", "classifiers", "create", "data", "evaluate", "fit",
+    "list_models", "load",
     "pretrained", "save",
 ]

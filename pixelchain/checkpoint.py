@@ -80,15 +80,22 @@ def read_config(path_or_name: str | Path) -> dict:
     return RunDir(resolve(path_or_name)).read_config()
 
 
+def build(name: str, image_shape: tuple[int, int, int], num_levels: int, **args) -> nn.Module:
+    """A registered density model or classifier ``name`` (the two registries share no name)."""
+    from . import classifiers, models
+
+    if name in classifiers.list_classifiers():
+        return classifiers.create(name, image_shape, num_levels, **args)
+    return models.create(name, image_shape, num_levels, **args)
+
+
 def load(path_or_name: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model of a run directory (or shipped checkpoint) with its saved weights."""
-    from .models import create
-
     run = RunDir(resolve(path_or_name))
     config = run.read_config()
     args = dict(config["args"])
     try:
-        model = create(config["model"], args.pop("image_shape"), args.pop("num_levels"), **args)
+        model = build(config["model"], args.pop("image_shape"), args.pop("num_levels"), **args)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{run / CONFIG} does not describe a model this version builds: {error}") from None
     load_weights(model, run.read_weights(map_location), run / WEIGHTS)

@@ -1,10 +1,12 @@
-"""The command line: ``pixelchain train | eval | sample | complete | list``.
+"""The command line: ``pixelchain train | eval | sample | complete | detect | purify | list``.
 
     pixelchain train gated_pixelcnn --dataset binarized_mnist --run-dir runs/gated --epochs 20
     pixelchain train fvsbn --dataset binarized_mnist --resume --run-dir runs/fvsbn
     pixelchain eval runs/gated
     pixelchain sample runs/gated -n 64
     pixelchain complete runs/gated
+    pixelchain detect runs/fmnist_pixelcnn_pp fashion_mnist:test[:1000] --out detect/
+    pixelchain purify runs/fmnist_pixelcnn_pp adversarial.npy --eps 16 --out purified/
 Under ``torchrun --nproc_per_node=N pixelchain train ...`` training is data-parallel.
 """
 
@@ -15,15 +17,19 @@ import ast
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from . import checkpoint, data, plots, runtime
-from .models import create, list_models
+from . import checkpoint, data, defend, plots, runtime
+from .classifiers import list_classifiers
+from .models import list_models
 from .models.base import DECODE_BATCH
 from .run_dir import RunDir, result_record
 from .train import TrainingDiverged, TrainOptions, evaluate, fit
@@ -114,10 +120,10 @@ def cmd_train(args) -> None:
     device = runtime.pick_device(args.device)
     train, valid = load_split(dataset, "train"), load_split(dataset, "valid")
     torch.manual_seed(options.seed)
-    if args.model == "logistic_regression":
+    if args.model in list_classifiers():
         hparams.setdefault("num_classes", int(train.labels.max()) + 1)
     try:
-        model = create(args.model, train.image_shape, train.num_levels, **hparams).to(device)
+        model = checkpoint.build(args.model, train.image_shape, train.num_levels, **hparams).to(device)
     except (ValueError, TypeError) as error:
         hint = "; --binarize or --num-levels change the levels" if "levels" in str(error) else ""
         raise ValueError(f"{args.model} on {dataset['name']} ({train.num_levels} levels): {error}{hint}") from None
@@ -171,8 +177,94 @@ def cmd_complete(args) -> None:
     print(f"completions of {args.n} {args.split} images, bottom half occluded -> {out}")
 
 
+def read_images(spec: str, channels: int) -> torch.Tensor:
+    """Images int64 [N, C, H, W] from ``spec``: a dataset split ``NAME:SPLIT`` or ``NAME:SPLIT[A:B]``
+    (e.g. ``fashion_mnist:test[:1000]``), a ``.npy`` file of integers [N, C, H, W] or [N, H, W], or a
+    folder of PNGs (sorted by name; read as greyscale when ``channels`` is 1, else RGB)."""
+    path = Path(spec)
+    if spec.endswith(".npy"):
+        array = np.load(path, allow_pickle=False)
+        if not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"{spec}: images must be integer levels, got dtype {array.dtype}")
+        if array.ndim == 3:
+            array = array[:, None]
+        return torch.from_numpy(array.astype(np.int64))
+    if path.is_dir():
+        files = sorted(path.glob("*.png"))
+        if not files:
+            raise ValueError(f"{spec}: no .png files in the folder")
+        mode = "L" if channels == 1 else "RGB"
+        arrays = [np.asarray(Image.open(f).convert(mode)) for f in files]
+        if len({a.shape for a in arrays}) != 1:
+            raise ValueError(f"{spec}: the PNGs differ in size")
+        array = np.stack(arrays)
+        return torch.from_numpy(array[:, None] if channels == 1 else array.transpose(0, 3, 1, 2)).long()
+    match = re.fullmatch(r"(\w+):([\w+]+)(?:\[(-?\d*):(-?\d*)\])?", spec)
+    if not match:
+        raise ValueError(f"{spec!r} is not a .npy file, a folder of PNGs, or NAME:SPLIT[A:B]")
+    name, split, a, b = match.groups()
+    images = data.load(name, split).images
+    return images[int(a) if a else None : int(b) if b else None]
+
+
+def reference_spec(args) -> str:
+    if args.reference:
+        return args.reference
+    config = checkpoint.read_config(args.run)
+    if "dataset" not in config:
+        raise SystemExit(f"{args.run}: its config names no dataset; pass --reference")
+    return f"{config['dataset']['name']}:valid"
+
+
+def cmd_detect(args) -> None:
+    model = checkpoint.load(args.run, runtime.pick_device(args.device))
+    x = read_images(args.images, model.image_shape[0])
+    reference = read_images(reference_spec(args), model.image_shape[0])
+    bpd = defend.bits_per_dim(model, x, args.batch_size)
+    reference_bpd = defend.bits_per_dim(model, reference, args.batch_size)
+    p = defend.p_values(bpd, reference_bpd)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = enumerate(zip(bpd.tolist(), p.tolist(), strict=True))
+    lines = ["index,bits_per_dim,p_value"] + [f"{i},{b:.6f},{q:.6f}" for i, (b, q) in rows]
+    (out / "p_values.csv").write_text("\n".join(lines) + "\n")
+    plots.save_histogram({args.images: bpd, f"reference {reference_spec(args)}": reference_bpd},
+                         out / "bits_per_dim.png")
+    for line in lines[1 : 1 + args.show]:
+        print(line)
+    print(f"{len(x)} images: mean {bpd.mean():.4f} bits/dim (reference: {len(reference)} images, mean "
+          f"{reference_bpd.mean():.4f}); p <= {args.alpha}: {(p <= args.alpha).double().mean():.2%} of them "
+          f"-> {out / 'p_values.csv'}, {out / 'bits_per_dim.png'}")
+
+
+def cmd_purify(args) -> None:
+    model = checkpoint.load(args.run, runtime.pick_device(args.device))
+    x = read_images(args.images, model.image_shape[0])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before decoding, not after
+    start = time.perf_counter()
+    if args.adaptive is None:
+        purified = defend.purify(model, x, args.eps, batch_size=args.batch_size, naive=args.naive)
+    else:  # half the reference ranks, the other half sets the threshold at the false-alarm rate
+        reference = read_images(reference_spec(args), model.image_shape[0])
+        reference_bpd = defend.bits_per_dim(model, reference[::2], args.batch_size)
+        clean_p = defend.p_values(defend.bits_per_dim(model, reference[1::2], args.batch_size), reference_bpd)
+        threshold = defend.choose_threshold(clean_p, args.adaptive)
+        purified, touched = defend.adaptive_purify(model, x, args.eps, reference_bpd, threshold,
+                                                   batch_size=args.batch_size, naive=args.naive)
+        print(f"adaptive: p <= {threshold:.4f} purified ({touched.double().mean():.0%} of the images)")
+    elapsed = time.perf_counter() - start
+    dtype = np.uint8 if model.num_levels <= 256 else np.int64
+    np.save(out / "purified.npy", purified.cpu().numpy().astype(dtype))
+    plots.save_before_after(x[: args.grid], purified[: args.grid], model.num_levels, out / "before_after.png")
+    changed = (purified != x).flatten(1).any(1).double().mean()
+    print(f"purified {len(x)} images (eps {args.eps}) in {elapsed:.1f} s ({len(x) / elapsed:.2f} images/s); "
+          f"{changed:.0%} changed -> {out / 'purified.npy'}, {out / 'before_after.png'}")
+
+
 def cmd_list(args) -> None:
     print("models:     ", ", ".join(list_models()))
+    print("classifiers:", ", ".join(list_classifiers()))
     print("datasets:   ", ", ".join(data.list_datasets()))
     print("pretrained: ", ", ".join(checkpoint.pretrained()) or "none")
 
@@ -209,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model by maximum likelihood, then report the test NLL")
-    p.add_argument("model", choices=list_models())
+    p.add_argument("model", choices=list_models() + list_classifiers())
     p.add_argument("--dataset", default="digits", choices=data.list_datasets())
     p.add_argument("--num-levels", type=int, help="quantise the dataset to this many levels")
     p.add_argument("--binarize", choices=["threshold", "dynamic"])
@@ -253,6 +345,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_complete)
+
+    images_help = ("NAME:SPLIT[A:B] (e.g. fashion_mnist:test[:1000]), a .npy of integers [N,C,H,W] or [N,H,W], "
+                   "or a PNG folder")
+    p = sub.add_parser("detect", help="PixelDefend detection: bits/dim and p-values of images under a density model")
+    p.add_argument("run", help="density model: run directory or shipped checkpoint name")
+    p.add_argument("images", help=images_help)
+    p.add_argument("--reference", help="held-out clean images the p-values rank against (default: the model's "
+                   "dataset, valid split)")
+    p.add_argument("--out", default="detect", help="folder for p_values.csv and bits_per_dim.png")
+    p.add_argument("--alpha", type=float, default=0.05, help="report the share of images with p <= alpha")
+    p.add_argument("--show", type=int, default=10, help="print the first this many p-values")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("purify", help="PixelDefend purification: each pixel the most likely value within eps")
+    p.add_argument("run", help="density model: run directory or shipped checkpoint name")
+    p.add_argument("images", help=images_help)
+    p.add_argument("--eps", type=int, default=16, help="window radius in levels (0-255 units for 256 levels)")
+    p.add_argument("--out", default="purified", help="folder for purified.npy and before_after.png")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--grid", type=int, default=16, help="images in the before/after figure")
+    p.add_argument("--adaptive", type=float, metavar="FALSE_ALARM",
+                   help="adaptive PixelDefend: purify only images with p <= a threshold that purifies this share "
+                   "of clean --reference images (e.g. 0.05); the others stay unchanged")
+    p.add_argument("--reference", help="clean images for --adaptive (default: the model's dataset, valid split)")
+    p.add_argument("--naive", action="store_true", help="reference decoder: a full forward pass per step")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_purify)
 
     p = sub.add_parser("list", help="registered models, datasets and shipped checkpoints")
     p.set_defaults(func=cmd_list)

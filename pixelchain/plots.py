@@ -1,5 +1,5 @@
-"""PNG figures with PIL: image grids, completions laid out as in the PixelRNN paper, and the figures
-of a run (``write_figures``)."""
+"""PNG figures with PIL: image grids, completions laid out as in the PixelRNN paper, histograms, and
+the figures of a run (``write_figures``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from .data import ImageDataset
@@ -89,3 +89,71 @@ def write_figures(model: torch.nn.Module, test: ImageDataset, run_dir: str | Pat
     samples = model.sample(64, generator=generator, labels=labels, naive=naive, progress=True)
     save_samples(samples, model.num_levels, run.samples)
     draw_completions(model, test, run.completions, 8, 4, generator, naive)
+
+
+def save_before_after(before: Tensor, after: Tensor, num_levels: int, path: str | Path, ncols: int = 8,
+                      scale: int = 3) -> Path:
+    """Rows of ``ncols`` images [N, C, H, W] each followed by a row of the same images after, e.g.,
+    purification: before, after, before, after, ..."""
+    a, b = to_pixels(before, num_levels), to_pixels(after, num_levels)
+    rows = []
+    for i in range(0, len(a), ncols):
+        rows += [a[i : i + ncols], b[i : i + ncols]]
+    grid(rows, scale).save(path)
+    return Path(path)
+
+
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+
+
+def save_histogram(groups: dict[str, Tensor], path: str | Path, xlabel: str = "bits/dim", bins: int = 50,
+                   size: tuple[int, int] = (640, 400)) -> Path:
+    """Overlaid step histograms (densities: each group's area is 1) of 1-D values, one colour per group,
+    over a common range; e.g. bits/dim of clean vs attacked images."""
+    values = {k: torch.as_tensor(v, dtype=torch.float64).flatten() for k, v in groups.items()}
+    values = {k: v[torch.isfinite(v)] for k, v in values.items() if len(v)}
+    if not values:
+        raise ValueError("nothing to plot: every group is empty")
+    lo = min(float(v.min()) for v in values.values())
+    hi = max(float(v.max()) for v in values.values())
+    hi = hi if hi > lo else lo + 1.0
+    edges = np.linspace(lo, hi, bins + 1)
+    dens = {k: np.histogram(v.numpy(), edges, density=True)[0] for k, v in values.items()}
+    top = max(float(d.max()) for d in dens.values()) * 1.1 or 1.0
+    width, height = size
+    left, right, upper, bottom = 60, 20, 20, 45
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - lo) / (hi - lo) * (width - left - right),
+                height - bottom - y / top * (height - upper - bottom))
+
+    draw.line([px(lo, 0), px(hi, 0)], fill="black")
+    draw.line([px(lo, 0), px(lo, top)], fill="black")
+    for t in np.linspace(lo, hi, 6):
+        x, y = px(t, 0)
+        draw.line([(x, y), (x, y + 4)], fill="black")
+        draw.text((x - 12, y + 6), f"{t:.2f}", fill="black", font=font)
+    for t in np.linspace(0, top, 5):
+        x, y = px(lo, t)
+        draw.line([(x - 4, y), (x, y)], fill="black")
+        draw.text((4, y - 6), f"{t:.2g}", fill="black", font=font)
+    draw.text((width // 2 - 20, height - 16), xlabel, fill="black", font=font)
+    for i, d in enumerate(dens.values()):
+        points = [px(edges[0], 0)]
+        for j, h in enumerate(d):
+            points += [px(edges[j], h), px(edges[j + 1], h)]
+        points.append(px(edges[-1], 0))
+        draw.line(points, fill=COLOURS[i % len(COLOURS)], width=2)
+    labels = [f"{name} (n={len(values[name])})" for name in dens]
+    box = max(draw.textlength(label, font=font) for label in labels) + 28
+    draw.rectangle([width - right - box, upper, width - right, upper + 6 + 16 * len(labels)], fill="white",
+                   outline="grey")
+    for i, label in enumerate(labels):
+        x0, y0 = width - right - box + 6, upper + 5 + 16 * i
+        draw.rectangle([x0, y0, x0 + 10, y0 + 10], fill=COLOURS[i % len(COLOURS)])
+        draw.text((x0 + 16, y0 - 1), label, fill="black", font=font)
+    image.save(path)
+    return Path(path)

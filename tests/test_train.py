@@ -141,7 +141,7 @@ def test_logistic_regression_learns_digits(tmp_path):
     (the file's last 270, other writers) is harder than the validation split."""
     train, valid, test = (pc.data.load("digits", s) for s in ("train", "valid", "test"))
     torch.manual_seed(0)
-    model = pc.create("logistic_regression", train.image_shape, train.num_levels, num_classes=10)
+    model = pc.classifiers.create("logistic_regression", train.image_shape, train.num_levels, num_classes=10)
     pc.fit(model, train, epochs=40, batch_size=32, lr=0.01, progress=False)
     assert pc.evaluate(model, valid)["accuracy"] > 0.93
     assert pc.evaluate(model, test)["accuracy"] > 0.85

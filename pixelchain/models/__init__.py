@@ -1,4 +1,5 @@
-"""The model registry: every model family registers its class under a name here."""
+"""The density-model registry: every model family registers its class under a name here
+(classifiers have their own, pixelchain.classifiers)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def register(name: str):
 
 
 def list_models(kind: str | None = None) -> list[str]:
-    """Registered names; ``kind`` 'density' or 'classifier' filters them."""
+    """Registered density-model names (classifiers: pixelchain.classifiers); ``kind`` filters by kind."""
     _import_families()
     return sorted(n for n, cls in MODELS.items() if kind is None or cls.kind == kind)
 

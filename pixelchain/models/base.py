@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..decode import Decoder, KeepObserved, NaiveDecoder, Policy, Sample, decode
+from ..decode import Decoder, KeepObserved, MostLikelyInWindow, NaiveDecoder, Policy, Sample, decode
 from ..heads import Head
 
 
@@ -60,6 +61,14 @@ def check_sizes(**sizes: int | Sequence[int]) -> None:
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         if not values or not all(is_integer(v) and v >= 1 for v in values):
             raise ValueError(f"{name} must be a positive integer (or a list of them), got {value!r}")
+
+
+def check_eps(eps: int) -> int:
+    """A window radius / perturbation bound in levels: a whole number >= 0, else ValueError."""
+    if (isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or int(eps) != eps
+            or eps < 0):
+        raise ValueError(f"eps must be a whole number of levels >= 0, got {eps!r}")
+    return int(eps)
 
 
 class RecordsInitArgs:
@@ -267,6 +276,25 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         with self._eval_mode():
             return torch.cat([decode(self, x[i], policy_for(i), None if labels is None else labels[i], naive=naive,
                                      progress=progress) for i in parts])
+
+    def purify(
+        self,
+        x: Tensor,
+        eps: int,
+        labels: Tensor | None = None,
+        naive: bool = False,
+        progress: bool = False,
+        batch_size: int | None = DECODE_BATCH,
+    ) -> Tensor:
+        """PixelDefend: each dimension, in the model's order, set to its most likely value within
+        ``eps`` levels of x's value, given the already purified dimensions: int64 [B, C, H, W],
+        ``batch_size`` images at a time (None: all at once)."""
+        x, labels = self.check_input(x, labels)
+        eps = check_eps(eps)
+        if eps == 0:
+            return x.clone()
+        policy_for = lambda i: MostLikelyInWindow(x[i], eps)  # noqa: E731
+        return self._decode_in_batches(x, labels, policy_for, batch_size, naive, progress)
 
     def extra_repr(self) -> str:
         return f"image_shape={self.image_shape}, num_levels={self.num_levels}, head={self.head.name}"

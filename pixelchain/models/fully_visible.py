@@ -1,8 +1,6 @@
-"""Logistic regression and the fully visible models built from it.
+"""The fully visible models: logistic regressions (pixelchain.classifiers.logistic) per dimension.
 
-* ``logistic_regression``: a classifier p(y | x) = softmax(W x + b), the conditional categorical
-  model of the first chapter, trained by maximum likelihood (cross-entropy).
-* ``fully_visible``: one such regression per dimension, p(x_d | x_<d) = softmax(b_d + W_d x_<d)
+* ``fully_visible``: one logistic regression per dimension, p(x_d | x_<d) = softmax(b_d + W_d x_<d)
   with b_d in R^K and W_d in R^{K x d}, all D of them one masked linear layer (no loop over
   pixels). ``fvsbn`` is the binary case (a sigmoid belief net with one logit per dimension).
 Inputs x_<d enter as values in [0, 1] (x / (K - 1)).
@@ -15,51 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..decode import Decoder
-from ..heads import Bernoulli, Categorical, sample_inverse_cdf
+from ..heads import Bernoulli, Categorical
 from ..layers import MaskedLinear
 from . import register
-from .base import AutoregressiveModel, RecordsInitArgs, check_images
-
-
-@register("logistic_regression")
-class LogisticRegression(RecordsInitArgs, nn.Module):
-    """p(y | x) = softmax(W x / (K - 1) + b) over ``num_classes`` labels; not a density model."""
-
-    kind = "classifier"
-
-    def __init__(self, image_shape: tuple[int, int, int], num_levels: int, num_classes: int = 10) -> None:
-        super().__init__()
-        self.image_shape, self.num_levels, self.num_classes = tuple(image_shape), num_levels, num_classes
-        self.linear = nn.Linear(int(torch.tensor(image_shape).prod()), num_classes)
-
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Class logits [B, num_classes]."""
-        return self.linear(x.flatten(1).to(self.linear.weight.dtype) / (self.num_levels - 1))
-
-    def check_input(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        x = check_images(x, self.image_shape, self.num_levels)
-        if labels is not None and (labels.shape != (len(x),) or labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels must be integers of shape [{len(x)}] in [0, {self.num_classes})")
-        return x, labels
-
-    def log_likelihood(self, logits: Tensor, x: Tensor, labels: Tensor) -> Tensor:
-        """log p(labels | x) [B] in nats from the output of ``forward``."""
-        return logits.log_softmax(-1).gather(1, labels.unsqueeze(1)).squeeze(1)
-
-    def log_prob(self, x: Tensor, labels: Tensor) -> Tensor:
-        """log p(labels | x): [B], nats."""
-        x, labels = self.check_input(x, labels)
-        return self.log_likelihood(self(x), x, labels)
-
-    def predict(self, x: Tensor) -> Tensor:
-        """The most likely label of each image: [B]."""
-        return self(self.check_input(x)[0]).argmax(-1)
-
-    def sample(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Draw labels y ~ p(y | x) by inverse CDF of uniforms: [B]."""
-        logits = self(self.check_input(x)[0])
-        uniform = torch.rand(len(logits), generator=generator, dtype=torch.float64)
-        return sample_inverse_cdf(logits.log_softmax(-1), uniform.to(logits.device))
+from .base import AutoregressiveModel
 
 
 def autoregressive_mask(num_dims: int, outputs_per_dim: int) -> Tensor:

@@ -1,0 +1,83 @@
+"""PixelDefend's classifiers on Fashion-MNIST, trained by the library's one trainer.
+
+    python -m benchmarks.train_classifiers resnet vgg --runs-dir runs/classifiers --max-time 720
+    python -m benchmarks.ship --runs-dir runs/classifiers --prefix "" fmnist_resnet fmnist_vgg
+
+Trains on the train split (the first 50,000 images), keeps the weights of the best validation NLL
+(the last 10,000), reports test accuracy and writes RUN/result.json; resumable (``--resume``).
+The ResNet is the paper's ResNet-32 (widths 4/8/16, per-image standardisation); the VGG is
+conv 32-32-pool-64-64-pool-fc 256 with dropout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import pixelchain as pc
+from benchmarks.common import RECORDS, keep_record, machine, write_section
+from pixelchain import runtime
+from pixelchain.run_dir import RunDir, result_record
+
+PRESETS = {  # name -> (classifier, hyperparameters, training settings)
+    "resnet": ("resnet", {}, {"batch_size": 128, "lr": 2e-3, "lr_decay": 0.85}),
+    "vgg": ("vgg", {}, {"batch_size": 128, "lr": 1e-3, "lr_decay": 0.85}),
+}
+DATASET = "fashion_mnist"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="*", help=f"presets: {', '.join(sorted(PRESETS))}")
+    parser.add_argument("--runs-dir", default="runs/classifiers")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--max-time", type=float, default=720.0, help="seconds per run in this call")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md alone")
+    parser.add_argument("--table-only", action="store_true", help="train nothing: rewrite the table from the records")
+    args = parser.parse_args()
+    unknown = sorted(set(args.runs) - set(PRESETS))
+    if unknown:
+        parser.error(f"unknown presets {unknown}; choose from {sorted(PRESETS)}")
+    runtime.configure_allocator()
+    train, valid, test = (pc.data.load(DATASET, s) for s in ("train", "valid", "test"))
+    for preset in [] if args.table_only else args.runs:
+        name, hparams, settings = PRESETS[preset]
+        label = f"fmnist_{preset}"
+        torch.manual_seed(0)
+        model = pc.classifiers.create(name, train.image_shape, train.num_levels, num_classes=10, **hparams)
+        run_dir = Path(args.runs_dir) / label
+        summary = pc.fit(model, train, valid, run_dir=run_dir, epochs=args.epochs, max_time=args.max_time,
+                         resume=args.resume, progress=False, info={"dataset": {"name": DATASET}}, **settings)
+        metrics = pc.evaluate(model, test)
+        RunDir(run_dir).write_result(result_record(model, summary, metrics, run=label, dataset=DATASET,
+                                                   hparams=hparams, train=settings, machine=machine(),
+                                                   date=time.strftime("%Y-%m-%d")))
+        keep_record(run_dir, "classifiers")
+        print(f"{label}: test accuracy {metrics['accuracy']:.4f}, NLL {metrics['nll']:.4f} nats, "
+              f"{summary['epoch']} epochs in {summary['elapsed']:.0f} s", flush=True)
+    if not args.no_write:
+        write_section("classifiers", table())
+
+
+def table() -> str:
+    """The classifiers' test accuracy from their records (benchmarks/records/classifiers/RUN/result.json)."""
+    rows = ["| run | model | parameters | test accuracy | test NLL (nats) | epochs | training time | machine |",
+            "|---|---|---|---|---|---|---|---|"]
+    for path in sorted((RECORDS / "classifiers").glob("*/result.json")):
+        r = json.loads(path.read_text())
+        note = "" if r["finished"] else " (time budget reached)"
+        rows.append(f"| {r['run']} | {r['model']} | {r['parameters']:,} | **{r['test']['accuracy']:.2%}** "
+                    f"| {r['test']['nll']:.3f} | {r['steps'] * r['train']['batch_size'] / 50_000:.2f}{note} "
+                    f"| {r['train_seconds'] / 60:.1f} min | {r['machine'].split(',')[0]}, {r['date']} |")
+    return ("PixelDefend's Fashion-MNIST classifiers (shipped as `fmnist_resnet`, `fmnist_vgg`), trained by "
+            "`python -m benchmarks.train_classifiers resnet vgg --max-time 720` (one thread, beside other jobs), "
+            "best validation NLL kept.\n\n" + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Adversarial examples for the classifiers, through the Adversarial Robustness Toolbox (ART).
+
+    x_adv = attacks.attack(classifier, x, labels, "fgsm", eps=8)      # int64 levels, |x_adv - x| <= 8
+
+Images are int64 levels in [0, K); ``eps`` is in levels (0-255 units for 256-level images). The
+classifier is wrapped as an ART ``PyTorchClassifier`` on floats in [0, 1] (``logits_from_unit``);
+ART's result is rounded back to levels and clipped to the eps-ball around x and to [0, K).
+ART is an optional extra: ``pip install -e .[defend]``. ``bpda`` (the attack that knows the
+purifier) is not in ART and is written here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .classifiers import Classifier
+from .models.base import check_eps
+
+ATTACKS = ("random", "fgsm", "bim", "deepfool", "cw")
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread, then restore the previous setting. ART's tiny forward and
+    backward passes ran ~100x slower with 2 threads than with 1 on two busy cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class UnitLogits(nn.Module):
+    """The classifier as a function of float images in [0, 1] (what ART differentiates)."""
+
+    def __init__(self, classifier: Classifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, u: Tensor) -> Tensor:
+        return self.classifier.logits_from_unit(u.to(next(self.classifier.parameters()).dtype))
+
+
+def art_classifier(classifier: Classifier):
+    """``classifier`` (in eval mode) as an ART PyTorchClassifier on [0, 1] floats [B, C, H, W]."""
+    try:
+        from art.estimators.classification import PyTorchClassifier
+    except ImportError as error:
+        raise ImportError("attacks need the Adversarial Robustness Toolbox: pip install -e '.[defend]' "
+                          f"(adversarial-robustness-toolbox and packaging) ({error})") from None
+    classifier.eval()
+    return PyTorchClassifier(model=UnitLogits(classifier), loss=nn.CrossEntropyLoss(),
+                             input_shape=classifier.image_shape, nb_classes=classifier.num_classes,
+                             clip_values=(0.0, 1.0), device_type="gpu" if classifier.device.type == "cuda" else "cpu")
+
+
+def project(x_adv: Tensor, x: Tensor, eps: int, num_levels: int) -> Tensor:
+    """Clip x_adv to the eps-ball around x and to [0, K): int64 [B, C, H, W]."""
+    return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0, num_levels - 1)
+
+
+def attack(
+    classifier: Classifier,
+    x: Tensor,
+    labels: Tensor,
+    name: str,
+    eps: int,
+    *,
+    batch_size: int = 128,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Adversarial images int64 [B, C, H, W] within ``eps`` levels of x [B, C, H, W] (true labels [B]).
+
+    name: 'random' (uniform integer noise in [-eps, eps], drawn from ``generator``), 'fgsm', 'bim'
+    (10 steps of 1 level), 'deepfool' (overshoot 0.02, 50 iterations), 'cw' (Carlini-Wagner L-inf).
+    DeepFool and C&W are unbounded; their result is clipped to the eps-ball.
+    """
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; choose from {ATTACKS}")
+    eps = check_eps(eps)
+    x, labels = classifier.check_input(x, labels)
+    if labels is None:
+        raise ValueError("attacks need the true labels [B]")
+    K = classifier.num_levels
+    if name == "random":
+        noise = torch.randint(-eps, eps + 1, x.shape, generator=generator).to(x.device)
+        return project(x + noise, x, eps, K)
+    from art.attacks.evasion import BasicIterativeMethod, CarliniLInfMethod, DeepFool, FastGradientMethod
+
+    estimator = art_classifier(classifier)
+    step = 1.0 / (K - 1)
+    made = {
+        "fgsm": lambda: FastGradientMethod(estimator, eps=eps * step, batch_size=batch_size),
+        "bim": lambda: BasicIterativeMethod(estimator, eps=eps * step, eps_step=step, max_iter=10,
+                                            batch_size=batch_size, verbose=False),
+        "deepfool": lambda: DeepFool(estimator, max_iter=50, epsilon=0.02, nb_grads=classifier.num_classes,
+                                     batch_size=batch_size, verbose=False),
+        "cw": lambda: CarliniLInfMethod(estimator, batch_size=batch_size, verbose=False),
+    }[name]()
+    u = (x.double() * step).cpu().numpy().astype(np.float32)
+    with one_thread():
+        u_adv = made.generate(u, y=labels.cpu().numpy())
+    x_adv = torch.from_numpy(np.rint(u_adv.astype(np.float64) * (K - 1))).long().to(x.device)
+    return project(x_adv, x, eps, K)
+
+
+def bpda(
+    classifier: Classifier,
+    purifier: Callable[[Tensor], Tensor],
+    x: Tensor,
+    labels: Tensor,
+    eps: int,
+    *,
+    steps: int = 10,
+    step_size: int = 1,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> Tensor:
+    """BPDA (Athalye et al., 2018): PGD on classifier(purifier(x)) with the purifier's gradient taken
+    as the identity: x_{t+1} = clip_eps(x_t + step_size * sign(grad_u CE(classifier(u), y) at
+    u = purifier(x_t))). x int64 [B, C, H, W], labels [B]; eps and step_size in levels. Returns the
+    last iterate, int64 [B, C, H, W]. ``purifier`` maps int64 images to int64 images."""
+    eps = check_eps(eps)
+    if steps < 1 or step_size < 1:
+        raise ValueError(f"steps and step_size must be >= 1, got {steps}, {step_size}")
+    x, labels = classifier.check_input(x, labels)
+    classifier.eval()
+    K, weight = classifier.num_levels, next(classifier.parameters())
+    x_adv = x.clone()
+    for _ in tqdm(range(steps), desc="BPDA", unit="step", disable=not progress):
+        purified = purifier(x_adv)
+        grads = []
+        for xb, yb in zip(purified.split(batch_size), labels.split(batch_size), strict=True):
+            u = (xb.to(weight.device, weight.dtype) / (K - 1)).requires_grad_()
+            loss = F.cross_entropy(classifier.logits_from_unit(u), yb.to(weight.device), reduction="sum")
+            grads.append(torch.autograd.grad(loss, u)[0].to(x.device))
+        x_adv = project(x_adv + step_size * torch.cat(grads).sign().long(), x, eps, K)
+    return x_adv
