@@ -17,8 +17,9 @@ Everything expensive is cached under ``--work-dir`` (attacked images per classif
 eps, in chunks of ``--chunk`` images; purified images and bits/dim by the content of the images and
 the weights' digest), so an interrupted run resumes where it stopped, BPDA step by step. ART's C&W
 L-inf optimises one image at a time (about 5 s per image on one loaded CPU thread here; DeepFool
-about 1 s): ``--attacks`` leaves attacks out. Writes the "pixeldefend" section of
-BENCHMARKS.md (``--no-write``: only WORK_DIR/report.md) and the histograms to ``--figures-dir``.
+about 1 s): ``--attacks`` leaves attacks out, and a second run with ``--section`` can give them
+fewer images. Writes the ``--section`` section of BENCHMARKS.md (``--no-write``: only
+WORK_DIR/report.md) and the histograms to ``--figures-dir``.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def main() -> None:
     parser.add_argument("--sweep", type=int, nargs="*", default=[4, 16, 25])
     parser.add_argument("--sweep-attacks", nargs="*", default=["fgsm", "bim"], choices=attacks.ATTACKS)
     parser.add_argument("--eps-defend", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--sweep-eps-defend", type=int, nargs="*", default=[],
+                        help="PixelDefend eps for the sweep's rows (default: adaptive only; each costs a purification)")
     parser.add_argument("--adaptive-eps", type=int, help="default: the largest --eps-defend")
     parser.add_argument("--false-alarm", type=float, default=0.05,
                         help="share of clean validation images adaptive PixelDefend may purify")
@@ -131,6 +134,8 @@ def main() -> None:
     parser.add_argument("--figures-dir", default=str(FIGURES))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md alone")
+    parser.add_argument("--section", default="pixeldefend",
+                        help="BENCHMARKS.md section and figure-name prefix (e.g. slow attacks on fewer images)")
     args = parser.parse_args()
     runtime.configure_allocator()
     device = runtime.pick_device(args.device)
@@ -155,11 +160,12 @@ def main() -> None:
     clean_bpd = bench.bpd(x)
     purified_clean = {e: bench.purify(x, e) for e in eps_defends}
 
-    def evaluate(clf, images: torch.Tensor, bpd: torch.Tensor) -> dict:
-        """Accuracy with no defence, PixelDefend at each eps and adaptive; AUROC of bits/dim vs clean."""
+    def evaluate(clf, images: torch.Tensor, bpd: torch.Tensor, eps_list: list[int]) -> dict:
+        """Accuracy with no defence, PixelDefend at each eps of ``eps_list`` and adaptive; AUROC of
+        bits/dim vs clean."""
         row = {"none": defend.accuracy(clf, images.to(device), y.to(device))}
-        purified = {e: bench.purify(images, e) for e in eps_defends}
-        for e in args.eps_defend:
+        purified = {e: bench.purify(images, e) for e in sorted(set(eps_list) | {adaptive_eps})}
+        for e in eps_list:
             row[f"eps{e}"] = defend.accuracy(clf, purified[e].to(device), y.to(device))
         # adaptive PixelDefend: purification is per image, so it is the purified image where p <= threshold
         touched = defend.p_values(bpd, reference_bpd) <= threshold
@@ -177,7 +183,7 @@ def main() -> None:
             raise SystemExit(f"{name} is not a classifier")
         defend.check_pair(clf, model)
         tag = f"{Path(name).name}_{weights_digest(name)}_n{args.n}_seed{args.seed}"
-        out: dict = {"clean": evaluate(clf, x, clean_bpd), "attacks": {}, "bpda": {}}
+        out: dict = {"clean": evaluate(clf, x, clean_bpd, args.eps_defend), "attacks": {}, "bpda": {}}
         histogram = {"clean": clean_bpd}
         settings = [(a, args.eps_attack) for a in args.attacks]
         settings += [(a, e) for a in args.sweep_attacks for e in args.sweep if e != args.eps_attack]
@@ -189,13 +195,15 @@ def main() -> None:
                     generator=torch.Generator().manual_seed(args.seed + i)))
                 for i in range(0, args.n, args.chunk)])
             bpd = bench.bpd(x_adv)
-            out["attacks"][f"{attack}@{eps}"] = evaluate(clf, x_adv, bpd)
+            swept = eps != args.eps_attack
+            eps_list = args.sweep_eps_defend if swept else args.eps_defend
+            out["attacks"][f"{attack}@{eps}"] = evaluate(clf, x_adv, bpd, eps_list)
             if eps == args.eps_attack:
                 histogram[attack] = bpd
                 if attack == args.attacks[-1]:
                     plots.save_before_after(x_adv[:8], bench.purify(x_adv, adaptive_eps)[:8], model.num_levels,
-                                            Path(args.figures_dir) / f"pixeldefend_{Path(name).name}_{attack}.png")
-        plots.save_histogram(histogram, Path(args.figures_dir) / f"pixeldefend_bpd_{Path(name).name}.png")
+                                            Path(args.figures_dir) / f"{args.section}_{Path(name).name}_{attack}.png")
+        plots.save_histogram(histogram, Path(args.figures_dir) / f"{args.section}_bpd_{Path(name).name}.png")
         n_bpda = args.bpda_n or args.n
         for e in args.bpda_eps_defend:
             print(f"{name}: BPDA against eps_defend {e}, {args.bpda_steps} steps", flush=True)
@@ -221,7 +229,7 @@ def main() -> None:
     (work / "report.md").write_text(report)
     print(report)
     if not args.no_write:
-        write_section("pixeldefend", report)
+        write_section(args.section, report)
 
 
 def render(args, results: dict, adaptive_eps: int) -> str:
@@ -242,7 +250,8 @@ def render(args, results: dict, adaptive_eps: int) -> str:
                   "| images | no defence | " + " | ".join(defs) + " | purified by adaptive | mean bits/dim | AUROC |",
                   "|---" * (len(defs) + 5) + "|"]
         for label, row in [("clean", out["clean"]), *out["attacks"].items()]:
-            cells = [pct(row["none"])] + [pct(row[f"eps{e}"]) for e in args.eps_defend] + [pct(row["adaptive"])]
+            cells = [pct(row["none"])] + [pct(row[f"eps{e}"]) if f"eps{e}" in row else "-" for e in args.eps_defend]
+            cells += [pct(row["adaptive"])]
             auroc = "-" if label == "clean" else f"{row['auroc']:.3f}"
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {pct(row['purified_share'])} | {row['bpd']:.3f} "
                          f"| {auroc} |")
@@ -252,7 +261,7 @@ def render(args, results: dict, adaptive_eps: int) -> str:
                          f"PixelDefend ε_def {e}: accuracy **{pct(b['defended'])}%** after purification "
                          f"(clean images purified: {pct(b['clean_defended'])}%; the BPDA images undefended: "
                          f"{pct(b['none'])}%). Purification is deterministic (argmax in the window), so no EOT.")
-        figure = os.path.relpath(Path(args.figures_dir) / f"pixeldefend_bpd_{Path(name).name}.png", REPO)
+        figure = os.path.relpath(Path(args.figures_dir) / f"{args.section}_bpd_{Path(name).name}.png", REPO)
         lines += ["", f"![bits/dim, {name}]({figure})", ""]
     timing = results["timing"]
     rate = {k: sum(t["images"] for t in v) / sum(t["seconds"] for t in v) for k, v in timing.items()}
