@@ -1,40 +1,41 @@
-"""Training and evaluation throughput at pytorch-generative's architectures, on this CPU.
+"""Training and evaluation throughput at pytorch-generative's architectures, beside the peer.
 
-    python -m benchmarks.throughput
+    python -m benchmarks.throughput --peer /path/to/pytorch-generative
 
-Train = forward + backward + Adam step on a batch of 128 binary 28x28 images, as ``pc.fit`` does
-it; eval = ``log_prob`` of the batch without gradients. Median of ``--repeats`` after warm-up.
-Convolutional and attention models are also timed through ``torch.compile`` (``pc.fit(compile=
-True)``, ``pixelchain train --compile``), in the same run, after the compilation warm-up.
-The peer figures come from ../shared/peers.md (measured on a machine of this kind with glibc's
-mmap threshold pinned at 64 MiB; noise about +-20%, so only clear ratios mean something). Ours run
-with the threshold pixelchain's entry points pin (``pixelchain.runtime``, 1 GiB), or
-``--malloc-mib 64`` for the peer's. Writes BENCHMARKS.md's "throughput" section.
+Train = forward + backward + Adam step on a batch of 128 binary 28x28 images, as ``pc.fit`` does it
+(with the intra-op threads ``fit`` chooses under the process setting, ``--threads``); eval =
+``log_prob`` of the batch without gradients.
+With ``--peer`` the peer's model of the same architecture (``benchmarks.peer``) is timed in the
+same process, interleaved with ours round by round (same batch, process thread setting, allocator),
+with its own loss; the ratios are of medians over ``--rounds``. Peak memory of a training step is
+the growth of the process's peak RSS over one step, ours then the peer's (a first step's, so
+allocator reuse does not hide it). Convolutional and attention models are also timed through
+``torch.compile`` (``--modes compiled``). Writes BENCHMARKS.md's "throughput" section.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
+import statistics
 
 import torch
 
 import pixelchain as pc
+from benchmarks import peer
 from benchmarks.common import machine, matmul_gflops, median_time, write_section
 from pixelchain import runtime
+from pixelchain.runtime import intra_op_threads, threads_for
 from pixelchain.train import adam
 
 COMPILED = {"pixelcnn", "gated_pixelcnn", "transformer"}
-# label -> (our model, hyperparameters, peer params, peer train img/s, peer eval img/s)
-ROWS = {
-    "NADE, hidden 500": ("nade", {"hidden": 500}, 785_284, 374, 2_145),
-    "MADE, hidden [8000], 1 mask": ("made", {"hidden": (8000,)}, 12_552_784, 1_842, 5_448),
-    "FVSBN, 784 conditionals": ("fvsbn", {}, 307_721, 2_063, 13_125),
-    "PixelCNN, 15 blocks, 16 channels, head 32": (
-        "pixelcnn", {"channels": 16, "num_blocks": 15, "head_channels": 32}, 53_569, 331, 1_126),
-    "Gated PixelCNN, 10 layers, 128 channels, head 32": (
-        "gated_pixelcnn", {"channels": 128, "num_layers": 10, "head_channels": 32}, 3_364_161, 7.1, 34),
-    "Transformer (ImageGPT), 8 blocks, 2 heads, 64 channels": (
-        "transformer", {"dim": 64, "num_layers": 8, "num_heads": 2}, 401_489, 4.6, 12.2),
+LABELS = {
+    "nade": "NADE, hidden 500",
+    "made": "MADE, hidden [8000], 1 mask",
+    "fvsbn": "FVSBN, 784 conditionals",
+    "pixelcnn": "PixelCNN, 15 blocks, 16 channels, head 32",
+    "gated_pixelcnn": "Gated PixelCNN, 10 layers, 128 channels, head 32",
+    "transformer": "Transformer (ImageGPT), 8 blocks, 2 heads, 64 channels",
 }
 
 
@@ -48,52 +49,104 @@ def effective_parameters(model: torch.nn.Module) -> int:
     return total
 
 
+def peak_growth_mb(step) -> float:
+    """Growth of the process's peak resident memory (MB) over one call of ``step``."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peer", help="a checkout of EugenHotaj/pytorch-generative (outside this repo)")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rows", nargs="+", help="substrings of the row labels to run")
-    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
-    parser.add_argument("--malloc-mib", type=int, default=1024, help="glibc mmap threshold (the peer's: 64)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per round and side (1 for the "
+                        "Gated PixelCNN and the Transformer, whose peer steps take tens of seconds)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="process thread settings, each a set of rows")
+    parser.add_argument("--models", nargs="+", default=list(LABELS), choices=list(LABELS))
+    parser.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"])
     args = parser.parse_args()
-    runtime.configure_allocator(args.malloc_mib << 20, 2 * args.malloc_mib << 20)
+    runtime.configure_allocator()
+    peer_models = peer.import_peer(args.peer) if args.peer else None
     before = matmul_gflops()
 
-    lines = ["| architecture | mode | ours: parameters (used) | peer parameters | ours train img/s | peer train img/s "
-             "| ratio | ours eval img/s | peer eval img/s | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for label, (name, hparams, peer_params, peer_train, peer_eval) in ROWS.items():
-        if args.rows and not any(r.lower() in label.lower() for r in args.rows):
-            continue
+    lines = ["| architecture | threads | mode | ours: parameters (used) | ours train img/s | peer train img/s | ratio "
+             "| ours eval img/s | peer eval img/s | ratio | train-step peak memory growth, ours / peer (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    x = torch.randint(0, 2, (args.batch, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    xf = x.float()
+    for name, process_threads in [(n, t) for t in args.threads for n in args.models]:
+        torch.set_num_threads(process_threads)
+        hparams = peer.MODELS[name][0]
         torch.manual_seed(0)
         model = pc.create(name, (1, 28, 28), 2, **hparams)
         optimizer = adam(model, lr=1e-4)
-        x = torch.randint(0, 2, (args.batch, 1, 28, 28))
+        theirs = peer.build(peer_models, name) if peer_models else None
+        their_optimizer = torch.optim.Adam(theirs.parameters(), lr=1e-4) if theirs else None
+        threads = threads_for(model.op_work(args.batch))  # what pc.fit runs the model with
         params = sum(p.numel() for p in model.parameters())
         for mode in [m for m in args.modes if m == "eager" or name in COMPILED]:
             net = torch.compile(model) if mode == "compiled" else model
 
             def train_step():
-                loss = -model.log_likelihood(net(x), x).mean()  # noqa: B023
-                optimizer.zero_grad(set_to_none=True)  # noqa: B023
-                loss.backward()
-                optimizer.step()  # noqa: B023
+                with intra_op_threads(threads):  # noqa: B023
+                    loss = -model.log_likelihood(net(x), x).mean()  # noqa: B023
+                    optimizer.zero_grad(set_to_none=True)  # noqa: B023
+                    loss.backward()
+                    optimizer.step()  # noqa: B023
 
             def eval_step():
                 with torch.no_grad():
-                    model.log_likelihood(net(x), x)  # noqa: B023
+                    model.log_prob(x) if mode == "eager" else model.log_likelihood(net(x), x)  # noqa: B023
 
-            model.train()
-            train = args.batch / median_time(train_step, args.repeats, warmup=2)
-            model.eval()
-            evaluation = args.batch / median_time(eval_step, args.repeats, warmup=2)
-            lines.append(f"| {label} | {mode} | {params:,} ({effective_parameters(model):,}) | {peer_params:,} "
-                         f"| {train:,.1f} | {peer_train:,} | {train / peer_train:.2f}× | {evaluation:,.1f} "
-                         f"| {peer_eval:,} | {evaluation / peer_eval:.2f}× |")
+            def peer_train():
+                loss = peer.loss(theirs, xf)  # noqa: B023
+                their_optimizer.zero_grad(set_to_none=True)  # noqa: B023
+                loss.backward()
+                their_optimizer.step()  # noqa: B023
+
+            def peer_eval():
+                with torch.no_grad():
+                    peer.loss(theirs, xf)  # noqa: B023
+
+            memory = ""
+            if mode == "eager":
+                model.train()
+                ours_mb = peak_growth_mb(train_step)
+                theirs_mb = peak_growth_mb(peer_train) if theirs else float("nan")
+                memory = f"{ours_mb:,.0f} / {theirs_mb:,.0f}"
+            times = {k: [] for k in ("train", "peer_train", "eval", "peer_eval")}
+            steps = 1 if name in ("gated_pixelcnn", "transformer") else args.steps
+            for r in range(args.rounds):
+                warm = 1 if r == 0 else 0
+                model.train()
+                times["train"].append(median_time(train_step, steps, warmup=warm))
+                if theirs:
+                    theirs.train()
+                    times["peer_train"].append(median_time(peer_train, steps, warmup=warm))
+                model.eval()
+                times["eval"].append(median_time(eval_step, steps, warmup=warm))
+                if theirs:
+                    theirs.eval()
+                    times["peer_eval"].append(median_time(peer_eval, steps, warmup=warm))
+            rate = {k: args.batch / statistics.median(v) if v else float("nan") for k, v in times.items()}
+            lines.append(
+                f"| {LABELS[name]} | {process_threads} | {mode} | {params:,} ({effective_parameters(model):,}) "
+                f"| {rate['train']:,.1f} "
+                f"| {rate['peer_train']:,.1f} | {rate['train'] / rate['peer_train']:.2f}× | {rate['eval']:,.1f} "
+                f"| {rate['peer_eval']:,.1f} | {rate['eval'] / rate['peer_eval']:.2f}× | {memory} |")
             print(lines[-1], flush=True)
-    after = matmul_gflops()
-    write_section("throughput", f"Machine: {machine()}. Batch {args.batch}, median of {args.repeats} after "
-                  f"warm-up. Reference matmul (``benchmarks.common.matmul_gflops``): {before:.0f} GFLOP/s before "
-                  f"the rows, {after:.0f} after.\n\n" + "\n".join(lines))
+            write(args, before, lines)  # after every row: a run cut short leaves the rows it measured
+def write(args: argparse.Namespace, before: float, lines: list[str]) -> None:
+    measured = f"pytorch-generative at commit {peer.commit(args.peer)}" if args.peer else "no peer (--peer not given)"
+    write_section("throughput", f"Machine: {machine()}; shared with other jobs while measured, so only the "
+                  f"ratios (ours and the peer's interleaved in one process) carry over. Peer: {measured}, "
+                  f"its architectures and loss as its reproduce() functions. Batch {args.batch}, median of "
+                  f"{args.rounds} rounds of {args.steps} steps (1 for the two largest) after warm-up. Reference "
+                  f"matmul (`benchmarks.common.matmul_gflops`) before the rows: {before:.0f} GFLOP/s, after the "
+                  f"last row: {matmul_gflops():.0f}.\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

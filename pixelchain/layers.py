@@ -1,16 +1,13 @@
-"""Building blocks shared by the models: masked linear and causal convolution layers, their
-decoding caches, and the channel-group (sub-pixel, R -> G -> B) masks.
+"""Building blocks shared by the models: masked linear and causal convolution layers, and the
+channel-group (sub-pixel, R -> G -> B) masks. The layers keep no decoding state (see decode.py).
 
 Every convolution here is a :class:`CausalConv2d`: a plain convolution with explicit
 (top, bottom, left, right) zero padding and an optional fixed 0/1 mask on its weight. PixelCNN's
 type A / B masks, the gated model's vertical and horizontal stacks and PixelCNN++'s down-shifted
-convolutions are all instances (see the factories below), so one cache serves them all.
+convolutions are all instances (see the factories below), so one decoding cache serves them all.
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -145,8 +142,7 @@ class CausalConv2d(nn.Conv2d):
 
     Output (i, j) reads padded input rows s*i .. s*i + kh - 1 and columns s*j .. s*j + kw - 1
     (stride s); a negative padding crops. ``scale`` is the resolution level of the input
-    (0: full size, 1: halved, ...). During cached decoding (``cache`` set) only the outputs at
-    the decoder's cursor are computed, from the inputs kept so far.
+    (0: full size, 1: halved, ...).
     """
 
     def __init__(
@@ -166,15 +162,14 @@ class CausalConv2d(nn.Conv2d):
         self.causal_padding = tuple(padding)
         self.scale = scale
         self.register_buffer("mask", mask, persistent=False)  # derived from the arguments, not saved
-        self.cache: ConvCache | PointwiseCache | None = None
+        # a 1 x 1 convolution: its output at a place depends on its input there only
+        self.pointwise = self.kernel_size == (1, 1) and stride == 1 and not any(self.causal_padding)
 
     def masked_weight(self) -> Tensor:
         return self.weight if self.mask is None else self.weight * self.mask
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.cache is not None:
-            return self.cache(x)
-        if self.kernel_size == (1, 1) and self.stride == (1, 1) and not any(self.causal_padding):
+        if self.pointwise:
             return pointwise(x, self.masked_weight(), self.bias)
         top, bottom, left, right = self.causal_padding
         if 0 <= bottom <= top and 0 <= right <= left:
@@ -192,10 +187,14 @@ def pointwise(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """A 1 x 1 convolution, x [B, Cin, H, W] -> [B, Cout, H, W]. On the CPU it is one batched matrix
     product over the image's positions: for the few to few hundred channels of these models,
     1.2-1.9x faster here (forward and backward) than oneDNN's convolution, which reorders layouts.
-    Under torch.compile the convolution stays (inductor fuses around it; the product was 3x slower)."""
+    Under torch.compile the convolution stays (inductor fuses around it; the product was 3x slower).
+    One pixel per image (cached decoding) is one plain matrix product."""
+    B, C, H, W = x.shape
+    if H * W == 1 and not torch.compiler.is_compiling():
+        flat, matrix = x.reshape(B, C), weight.flatten(1).t()
+        return (flat @ matrix if bias is None else torch.addmm(bias, flat, matrix)).view(B, -1, 1, 1)
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return F.conv2d(x, weight, bias)
-    B, C, H, W = x.shape
     matrix = weight.flatten(1).expand(B, -1, -1)  # [B, Cout, Cin], no copy
     flat = x.reshape(B, C, H * W)
     out = torch.bmm(matrix, flat) if bias is None else torch.baddbmm(bias.view(1, -1, 1), matrix, flat)
@@ -211,22 +210,11 @@ class CausalConvTranspose2d(nn.ConvTranspose2d):
                  scale: int) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=2)
         self.crop_left, self.scale = crop_left, scale
-        self.cursor: Cursor | None = None
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         """x [B, Cin, H', W'] -> [B, Cout, H, W] with (H, W) = ``size`` (the finer level's)."""
-        if self.cursor is None:
-            out = super().forward(x)
-            return out[:, :, : size[0], self.crop_left : self.crop_left + size[1]]
-        i, j, fine = self.cursor.i, self.cursor.j, self.scale - 1
-        r = i >> fine
-        if j is None:  # x is coarse row r // 2: keep the output row of tap r % 2
-            out = super().forward(x)
-            return out[:, :, r % 2 : r % 2 + 1, self.crop_left : self.crop_left + size[1]]
-        if self.kernel_size[1] != 2 or self.crop_left:
-            raise ValueError("pixel-by-pixel upsampling needs a 2x2 kernel without crop")
-        c = j >> fine  # x is coarse pixel (r // 2, c // 2): one tap reaches (r, c)
-        return (x[:, :, 0, 0] @ self.weight[:, :, r % 2, c % 2] + self.bias).view(len(x), -1, 1, 1)
+        out = super().forward(x)
+        return out[:, :, : size[0], self.crop_left : self.crop_left + size[1]]
 
 
 def pixelcnn_conv(in_channels: int, out_channels: int, kernel_size: int, mask_type: str, groups: int = 1):
@@ -258,105 +246,3 @@ def unskew(x: Tensor) -> Tensor:
     """The inverse of :func:`skew`: [B, C, H, W + H - 1] -> [B, C, H, W]."""
     B, C, H, N = x.shape
     return F.pad(x.flatten(2), (0, H)).view(B, C, H, N + 1)[..., : N - H + 1]
-
-
-# --------------------------------------------------------------------------- decoding caches
-@dataclass
-class Cursor:
-    """Where cached decoding is: row ``i`` and column ``j``, or ``j = None`` for a whole row."""
-
-    i: int = 0
-    j: int | None = 0
-
-
-class ConvCache:
-    """Keeps a layer's (padded) input and computes its output at the cursor only.
-
-    A call with a pixel [B, Cin, 1, 1] (cursor (i, j)) or a row [B, Cin, 1, W] (cursor (i, None))
-    stores it at that place and returns the layer's output there, [B, Cout, 1, 1] or
-    [B, Cout, 1, W]: the work of one output position (or row) instead of the whole image.
-    The cursor is in full-resolution coordinates; a layer at level s reads it as (i >> s, j >> s),
-    and a stride-2 layer writes at its input's level and computes at the next one.
-    """
-
-    def __init__(self, conv: CausalConv2d, cursor: Cursor, batch: int, height: int, width: int) -> None:
-        top, bottom, left, right = conv.causal_padding
-        self.conv, self.cursor = conv, cursor
-        self.top, self.left, self.stride = top, left, conv.stride[0]
-        self.in_level, self.out_level = conv.scale, conv.scale + (self.stride == 2)
-        self.kh, self.kw = conv.kernel_size
-        weight = conv.masked_weight().detach()
-        self.weight = weight
-        # one [kw*Cin, Cout] matrix per kernel row, matching a buffer row's run of kw pixels
-        self.matrices = weight.permute(2, 3, 1, 0).reshape(self.kh, -1, weight.shape[0]).unbind(0)
-        self.bias = _bias(conv)
-        rows, cols = -(-height >> conv.scale), -(-width >> conv.scale)  # ceil(size / 2^scale)
-        self.width = cols
-        # Channels last, [B, rows, cols, Cin]: a window is kh*kw runs of Cin contiguous values.
-        self.buffer = weight.new_zeros(batch, rows + top + bottom, cols + left + right, conv.in_channels)
-
-    def store(self, i: int, j: int, value: Tensor) -> None:
-        """Overwrite the kept input at (i, j) (input level) with ``value`` [B, Cin]."""
-        if i + self.top < self.buffer.shape[1] and j + self.left < self.buffer.shape[2]:  # not cropped
-            self.buffer[:, i + self.top, j + self.left] = value
-
-    def __call__(self, x: Tensor) -> Tensor:
-        i, j, s = self.cursor.i, self.cursor.j, self.stride
-        r_in, r_out = i >> self.in_level, i >> self.out_level
-        if j is None:  # a whole row
-            if r_in + self.top < self.buffer.shape[1]:
-                self.buffer[:, r_in + self.top, self.left : self.left + self.width] = x[:, :, 0].transpose(1, 2)
-            rows = self.buffer[:, s * r_out : s * r_out + self.kh].permute(0, 3, 1, 2)
-            return F.conv2d(rows, self.weight, self.bias, s)
-        c_in, c_out = j >> self.in_level, j >> self.out_level
-        self.store(r_in, c_in, x[:, :, 0, 0])
-        # Kernel row a reads kw pixels of buffer row s*r_out + a: a [B, kw*Cin] view (no copy).
-        rows = self.buffer[:, s * r_out : s * r_out + self.kh, s * c_out : s * c_out + self.kw].flatten(2)
-        out = torch.addmm(self.bias, rows[:, 0], self.matrices[0])
-        for a in range(1, self.kh):
-            out.addmm_(rows[:, a], self.matrices[a])
-        return out.view(x.shape[0], -1, 1, 1)
-
-
-class PointwiseCache:
-    """A 1 x 1 convolution during decoding: one pixel [B, Cin, 1, 1] is a matrix product with the
-    weight prepared once (whole rows still go through conv2d). It keeps no inputs."""
-
-    def __init__(self, conv: CausalConv2d) -> None:
-        self.weight = conv.masked_weight().detach()
-        self.matrix = self.weight.flatten(1).t()  # [Cin, Cout]
-        self.bias = _bias(conv)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if x.shape[2] != 1 or x.shape[3] != 1:
-            return pointwise(x, self.weight, self.bias)
-        return torch.addmm(self.bias, x.reshape(x.shape[0], -1), self.matrix).view(x.shape[0], -1, 1, 1)
-
-
-def _bias(conv: CausalConv2d) -> Tensor:
-    """The layer's bias for the caches' products (zeros for a layer without one)."""
-    return conv.weight.new_zeros(conv.out_channels) if conv.bias is None else conv.bias.detach()
-
-
-@contextmanager
-def cached(modules, cursor: Cursor, batch: int, height: int, width: int):
-    """Give every CausalConv2d in ``modules`` a cache for the duration of the block.
-
-    1 x 1 convolutions keep no inputs (their output at a place depends on their input there only):
-    theirs only holds the weight as a matrix.
-    """
-    layers = [m for module in modules for m in module.modules()]
-    convs = [m for m in layers if isinstance(m, CausalConv2d)]
-    upsamplers = [m for m in layers if isinstance(m, CausalConvTranspose2d)]
-    try:
-        for conv in convs:
-            pointwise = conv.kernel_size == (1, 1) and conv.stride[0] == 1 and not any(conv.causal_padding)
-            conv.cache = PointwiseCache(conv) if pointwise else ConvCache(conv, cursor, batch, height, width)
-        for up in upsamplers:
-            up.cursor = cursor
-        yield
-    finally:
-        for conv in convs:
-            conv.cache = None
-        for up in upsamplers:
-            up.cursor = None

@@ -1,4 +1,4 @@
-"""Process-level settings for long runs: the device, and glibc's allocator.
+"""Process-level settings: the device, glibc's allocator, and intra-op threads by work size.
 
 With glibc's default (dynamic) mmap threshold, PyTorch's large CPU temporaries are mapped and
 unmapped on every step, and every fresh mapping is paid for again in page faults: the conv and
@@ -16,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -63,3 +65,32 @@ def pick_device(name: str = "auto") -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+# Multiply-adds per operation below which extra intra-op threads cost more than they give. Every
+# parallel op ends at a barrier where each thread waits for the slowest: when another process holds
+# a core, one of our threads is descheduled for a time slice (milliseconds) and the op waits for
+# it. Cached sampling of a small PixelCNN took 0.88 s at 2 threads with one busy core and 41 s with
+# two other jobs running, against 0.31-0.37 s at 1 thread (issue 13). Above this size an op runs
+# long enough that splitting it pays even then.
+PARALLEL_WORK = 1 << 28
+
+
+def threads_for(work: float) -> int:
+    """Intra-op threads for ops of about ``work`` multiply-adds each: 1 below PARALLEL_WORK, else
+    the process's setting (``torch.set_num_threads``)."""
+    return 1 if work < PARALLEL_WORK else torch.get_num_threads()
+
+
+@contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads; the previous setting is restored afterwards
+    (also when the block raises)."""
+    previous = torch.get_num_threads()
+    if n != previous:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_weights, model_config
 from .data import ImageDataset
 from .run_dir import CONFIG, STATE, WEIGHTS, RunDir
+from .runtime import intra_op_threads, threads_for
 
 
 class TrainingDiverged(FloatingPointError):
@@ -454,7 +455,9 @@ class Trainer:
         self.session_start = time.perf_counter()
         self.start, self.last_checkpoint = self.session_start - state["elapsed"], self.session_start
         self.model.train()
-        with _stop_on_signals(self.flag):
+        # one thread for small models' ops (their barriers stall when another process holds a core)
+        work = self.model.op_work(opts.batch_size) if hasattr(self.model, "op_work") else float("inf")
+        with _stop_on_signals(self.flag), intra_op_threads(threads_for(work)):
             while state["epoch"] < opts.epochs and not state["finished"] and not (
                     opts.max_steps is not None and state["step"] >= opts.max_steps):
                 if not self.train_epoch():

@@ -94,11 +94,19 @@ def ops_in_forward(name, shape, **hparams):
 
 
 def test_nade_and_made_passes_have_no_loop_over_dimensions(monkeypatch):
-    """The teacher-forced pass runs the same number of torch operations for 6 or 784 dims (with
-    MADE's masked products dense: blocked, they take at most 16 products, see test_masked_linear)."""
+    """MADE's teacher-forced pass runs the same number of torch operations for 6 or 784 dims (with
+    its masked products dense: blocked, they take at most 16 products, see test_masked_linear);
+    NADE's a fixed few per block of NADEParams.DIM_BLOCK dims (no per-dimension work)."""
     from pixelchain import layers
+    from pixelchain.models.nade import NADEParams
 
-    assert ops_in_forward("nade", (1, 2, 3), hidden=8) == ops_in_forward("nade", (1, 28, 28), hidden=8)
+    def per_block(k):
+        monkeypatch.setattr(NADEParams, "DIM_BLOCK", k)
+        one, two = ops_in_forward("nade", (1, 1, k), hidden=8), ops_in_forward("nade", (1, 2, k), hidden=8)
+        assert ops_in_forward("nade", (1, 28, 28), hidden=8) == one + (28 * 28 // k - 1) * (two - one)
+        return two - one
+
+    assert per_block(4) == per_block(8) == per_block(16)  # nothing inside a block is per dimension
     monkeypatch.setattr(layers, "prefix_blocks", lambda mask: None)
     assert ops_in_forward("made", (1, 2, 3), hidden=(8,)) == ops_in_forward("made", (1, 28, 28), hidden=(8,))
 

@@ -86,6 +86,7 @@ def test_transformer_kv_cache_equals_full_forward_float32(image_shape, K):
             log_probs = decoder.conditional(step, c, i, j)  # [B, K]
             cached = log_probs.gather(1, x[:, c, i, j, None])[:, 0]
             torch.testing.assert_close(cached, full[:, c, i, j], rtol=0, atol=1e-5)
+            decoder.final(step, c, i, j)
 
 
 @pytest.mark.parametrize("name", ["row_lstm", "diagonal_bilstm", "transformer"])

@@ -2,9 +2,11 @@
 
 A subclass builds its network and implements ``forward(x, labels) -> params [B, P, H, W]``, the
 teacher-forced parameters of every conditional in one pass; the head turns them into
-log p(x_d | x_<d). Optionally it overrides ``decoding_order`` (default: raster order over pixels,
-channels R, G, B inside a pixel) and ``decoder`` (default: the naive one) with a cached decoder.
-Everything else (exact log-likelihood, input checks, sampling, completion) is here, once.
+log p(x_d | x_<d). The decoding hooks, all declared below: ``decoding_order`` (default: raster
+order over pixels, channels R, G, B inside a pixel), ``decoder`` (default: the naive one); a
+convolutional model decoding through ``decode.ConvDecoder`` gives ``image`` (its network's input),
+``pixel_params`` (the network at one pixel) and ``subpixel``. Everything else (exact
+log-likelihood, input checks, sampling, completion, the threads a call runs with) is here, once.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..decode import Decoder, KeepObserved, MostLikelyInWindow, NaiveDecoder, Policy, Sample, decode
+from ..decode import ConvDecoder, Decoder, KeepObserved, MostLikelyInWindow, NaiveDecoder, Policy, Sample, decode
 from ..heads import Head
+from ..runtime import intra_op_threads, threads_for
 
 
 def check_images(x: Tensor, image_shape: tuple[int, int, int], num_levels: int) -> Tensor:
@@ -103,6 +106,12 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
 
     name = ""  # registry name, set by @register
     kind = "density"
+    # The same weights run at every position (convolutions, attention, recurrences); False for the
+    # dense models, whose every weight serves one dimension. Sizes the ops for ``op_work``.
+    positional = True
+    # Whether the network's outputs for a pixel depend on its own earlier channels (sub-pixel
+    # masking): a ConvDecoder then recomputes a pixel's parameters for every channel.
+    subpixel = False
 
     def __init__(
         self,
@@ -148,6 +157,20 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         """x in {0..K-1} -> floats in [0, 1], in the model's dtype."""
         return x.to(self.dtype) / (self.num_levels - 1)
 
+    def image(self, x: Tensor) -> Tensor:
+        """Levels [B, C, H, W] -> the network's input, by default floats in [-1, 1]."""
+        return self.unit(x) * 2 - 1
+
+    def op_work(self, batch: int, step: bool = False) -> float:
+        """About how many multiply-adds one op of a forward pass on ``batch`` images does (or, with
+        ``step``, of a cached decoding step): the parameters times the positions they serve,
+        spread over the layers. What ``runtime.threads_for`` sizes the intra-op threads by."""
+        params = sum(p.numel() for p in self.parameters())
+        layers = sum(1 for m in self.modules() if next(m.parameters(recurse=False), None) is not None)
+        positions = (1 if step else self.image_shape[1] * self.image_shape[2]) if self.positional else (
+            1 / self.num_dims if step else 1)
+        return batch * params * positions / max(1, layers)
+
     def raster(self, x: Tensor) -> Tensor:
         """Images [B, C, H, W] -> [B, D] in raster order (pixels, channels inside a pixel)."""
         return x.permute(0, 2, 3, 1).flatten(1)
@@ -167,9 +190,11 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         return self.head.log_prob(params, x).flatten(1).sum(1)
 
     def log_prob_map(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
-        """log p(x_d | x_<d) per dimension, in nats: x [B, C, H, W] -> [B, C, H, W]."""
+        """log p(x_d | x_<d) per dimension, in nats: x [B, C, H, W] -> [B, C, H, W]. Runs with the
+        intra-op threads its work calls for (``runtime.threads_for``; restored afterwards)."""
         x, labels = self.check_input(x, labels)
-        return self.head.log_prob(self(x, labels), x)
+        with intra_op_threads(threads_for(self.op_work(len(x)))):
+            return self.head.log_prob(self(x, labels), x)
 
     def log_prob(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """Exact log p(x) in nats: x int64 [B, C, H, W] in [0, K) -> [B]."""
@@ -212,6 +237,11 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
     def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
         """The decoder ``sample`` and ``complete`` use; models override it with a cached one."""
         return NaiveDecoder(self, x, labels)
+
+    def pixel_params(self, decoder: ConvDecoder, h: int, w: int) -> Tensor:
+        """For a ConvDecoder: the head's parameters at pixel (h, w), [B, P, 1, 1], computed through
+        ``decoder.caches.at(...)`` (and ``decoder.per_row`` for work a row shares)."""
+        raise NotImplementedError(f"{type(self).__name__} does not decode through a ConvDecoder")
 
     @contextmanager
     def _eval_mode(self):

@@ -29,6 +29,8 @@ def autoregressive_mask(num_dims: int, outputs_per_dim: int) -> Tensor:
 class FullyVisible(AutoregressiveModel):
     """One logistic regression per dimension: logits_d = b_d + W_d x_<d, a K-way softmax."""
 
+    positional = False
+
     def __init__(self, image_shape: tuple[int, int, int], num_levels: int = 256) -> None:
         super().__init__(image_shape, num_levels, self._make_head(num_levels))
         self.outputs_per_dim = self.head.params_per_dim
@@ -65,14 +67,13 @@ class FullyVisibleDecoder(Decoder):
         super().__init__(model, x, labels)
         self.weight = model.linear.masked_weight()
         self.bias = model.linear.bias
-        self.inputs = model.raster(model.unit(x))  # kept in sync one dimension per step
-        self.previous: tuple[int, int, int] | None = None
+        self.inputs = model.raster(model.unit(x))  # kept in sync one dimension at a time
+
+    def final(self, step: int, c: int, h: int, w: int) -> None:
+        self.inputs[:, step] = self.model.unit(self.x[:, c, h, w])
 
     def conditional(self, step: int, c: int, h: int, w: int) -> Tensor:
         model = self.model
-        if self.previous is not None:
-            self.inputs[:, step - 1] = model.unit(self.x[(slice(None), *self.previous)])
-        self.previous = (c, h, w)
         rows = slice(step * model.outputs_per_dim, (step + 1) * model.outputs_per_dim)
         params = F.linear(self.inputs[:, :step], self.weight[rows, :step], self.bias[rows])  # [B, p]
         return model.head.dim_conditional(params)

@@ -39,6 +39,8 @@ from .base import AutoregressiveModel, check_sizes, is_integer
 class MADE(AutoregressiveModel):
     """MADE with ReLU hidden layers of sizes ``hidden``; Bernoulli for K = 2, else K-way."""
 
+    positional = False
+
     def __init__(
         self,
         image_shape: tuple[int, int, int],
@@ -168,7 +170,7 @@ class MADE(AutoregressiveModel):
 
 
 class MADEDecoder(Decoder):
-    """Incremental first layer: its pre-activation gains one input column per step; the layers
+    """Incremental first layer: its pre-activation gains one input column per final dimension; the layers
     above are recomputed (O(H1 * H2) per step), the output only for the current dimension."""
 
     def __init__(self, model: MADE, x: Tensor, labels: Tensor | None = None) -> None:
@@ -177,17 +179,16 @@ class MADEDecoder(Decoder):
         first = model.layers[0]
         self.weight = first.masked_weight()
         self.a = first.bias.expand(len(x), -1).clone()
-        self.previous: tuple[int, int, int] | None = None
 
     def raster_index(self, c: int, h: int, w: int) -> int:
         C, _, W = self.model.image_shape
         return (h * W + w) * C + c
 
+    def final(self, step: int, c: int, h: int, w: int) -> None:
+        value = self.model.unit(self.x[:, c, h, w])
+        self.a += value.unsqueeze(1) * self.weight[:, self.raster_index(c, h, w)]
+
     def conditional(self, step: int, c: int, h: int, w: int) -> Tensor:
         model = self.model
-        if self.previous is not None:
-            value = model.unit(self.x[(slice(None), *self.previous)])
-            self.a += value.unsqueeze(1) * self.weight[:, self.raster_index(*self.previous)]
-        self.previous = (c, h, w)
         inputs = model.raster(model.unit(self.x)) if model.direct is not None else None
         return model.head.dim_conditional(model.params_from_first(self.a, inputs, self.raster_index(c, h, w))[:, 0])

@@ -2,12 +2,13 @@
 
     a_d = c + W[:, <d] x_<d,    h_d = sigmoid(a_d),    params_d = b_d + V_d h_d
 
-The pre-activations of all D conditionals are one exclusive cumulative sum over dimensions,
-O(D * H) per image with no loop over dimensions; decoding keeps the running pre-activation,
-O(H) per step. A custom autograd function runs one image at a time through all D dims (its
-[D, H] states fit in the CPU cache, where autograd through [B, D, H] tensors streams them through
-memory) and gives the gradients in closed form; it keeps the hidden units for the backward pass
-(B * D * H floats, 200 MB at B = 128, H = 500): recomputing their sigmoids cost more.
+The pre-activations of all D conditionals are an exclusive cumulative sum over dimensions,
+O(D * H) per image: a custom autograd function runs it over blocks of dimensions for the whole
+batch (a triangular product inside a block, the running sum carried between blocks: cache-sized
+states) and gives the gradients in closed form, one image at a time (its [D, H] states fit in
+the CPU cache); it keeps the hidden units for the backward pass (B * D * H floats, 200 MB at
+B = 128, H = 500): recomputing their sigmoids cost more. Decoding keeps the running
+pre-activation, O(H) per step.
 """
 
 from __future__ import annotations
@@ -41,34 +42,43 @@ def exclusive_cumsum(x: Tensor, reverse: bool = False, block: int = 16) -> Tenso
     return (triangle @ blocks + offsets.unsqueeze(1)).view(n * block, *x.shape[1:])[:D]
 
 
-def hidden_states(v: Tensor, W: Tensor, c: Tensor) -> Tensor:
-    """h_d = sigmoid(c + sum_{j<d} v_j W_j) for all d, dimension-major: v [B, D], W [D, H] -> [D, B, H]."""
-    return torch.sigmoid(c + exclusive_cumsum(v.t().unsqueeze(-1) * W.unsqueeze(1)))
-
-
 class NADEParams(torch.autograd.Function):
-    """params [B, D, p] = V_d h_d + b_d with h = hidden_states(v, W, c), computed ``chunk`` images
-    at a time; the hidden units are kept for the backward pass when it will run (recomputing
-    their sigmoids costs more than keeping them). V [D, p, H], b [D, p]."""
+    """params [B, D, p] = V_d h_d + b_d with h_d = sigmoid(c + sum_{j<d} v_j W_j), V [D, p, H],
+    b [D, p]. The forward pass runs over blocks of ``DIM_BLOCK`` dimensions for the whole batch,
+    carrying the pre-activation from block to block (inside a block, a triangular product): its
+    [block, B, H] states stay in the CPU cache. The hidden units are kept for the backward pass when
+    it will run (recomputing their sigmoids costs more than keeping them); the backward pass runs
+    ``chunk`` images at a time and gives the gradients in closed form."""
+
+    DIM_BLOCK = 8
 
     @staticmethod
     def forward(ctx, v: Tensor, W: Tensor, c: Tensor, V: Tensor, b: Tensor, chunk: int) -> Tensor:
-        Vt, hidden, out = V.transpose(1, 2), [], []  # Vt [D, H, p]
+        (B, D), k = v.shape, NADEParams.DIM_BLOCK
+        Vt = V.transpose(1, 2)  # [D, H, p]
         keep = any(ctx.needs_input_grad)
-        for vc in v.split(chunk):
-            h = hidden_states(vc, W, c)  # [D, b, H]
-            out.append(torch.bmm(h, Vt).transpose(0, 1))
+        hidden = v.new_empty(D, B, W.shape[1]) if keep else None
+        out = v.new_empty(D, B, V.shape[1])
+        a = c.expand(B, -1).clone()  # the pre-activation of the block's first dimension
+        triangle = torch.ones(k, k, dtype=v.dtype, device=v.device).tril(-1)
+        for d0 in range(0, D, k):
+            n = min(k, D - d0)
+            vb, Wb = v[:, d0 : d0 + n], W[d0 : d0 + n]
+            terms = vb.t().contiguous().unsqueeze(-1) * Wb.unsqueeze(1)  # [n, B, H]: v_j W_j
+            h = torch.matmul(triangle[:n, :n], terms.view(n, -1)).view(n, B, -1).add_(a).sigmoid_()
+            torch.bmm(h, Vt[d0 : d0 + n], out=out[d0 : d0 + n])
             if keep:
-                hidden.append(h)
-        ctx.save_for_backward(v, V, *hidden)
+                hidden[d0 : d0 + n] = h
+            a.addmm_(vb, Wb)
+        ctx.save_for_backward(v, V, *([hidden] if keep else []))
         ctx.chunk = chunk
-        return torch.cat(out) + b
+        return out.transpose(0, 1) + b
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        v, V, *hidden = ctx.saved_tensors
+        v, V, hidden = ctx.saved_tensors
         dW, dc, dV = V.new_zeros(v.shape[1], V.shape[2]), V.new_zeros(V.shape[2]), torch.zeros_like(V)
-        for vc, gc, h in zip(v.split(ctx.chunk), grad.split(ctx.chunk), hidden, strict=True):
+        for vc, gc, h in zip(v.split(ctx.chunk), grad.split(ctx.chunk), hidden.split(ctx.chunk, dim=1), strict=True):
             g = gc.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # [D, b, p], fresh strides
             dV += torch.bmm(g.transpose(1, 2), h)
             da = torch.ops.aten.sigmoid_backward(torch.bmm(g, V), h)  # dL/da = dL/dh * h (1 - h)
@@ -81,6 +91,8 @@ class NADEParams(torch.autograd.Function):
 @register("nade")
 class NADE(AutoregressiveModel):
     """NADE with ``hidden`` sigmoid units; Bernoulli for K = 2, else a K-way softmax per dim."""
+
+    positional = False
 
     def __init__(self, image_shape: tuple[int, int, int], num_levels: int = 2, hidden: int = 500) -> None:
         check_sizes(hidden=hidden)
@@ -106,18 +118,15 @@ class NADE(AutoregressiveModel):
 
 
 class NADEDecoder(Decoder):
-    """Keeps a = c + W[:, <t] x_<t and adds one column per step."""
+    """Keeps a = c + W[:, <t] x_<t and adds one column per final dimension."""
 
     def __init__(self, model: NADE, x: Tensor, labels: Tensor | None = None) -> None:
         super().__init__(model, x, labels)
         self.a = model.c.expand(x.shape[0], -1).clone()
-        self.previous: tuple[int, int, int] | None = None
 
     def conditional(self, step: int, c: int, h: int, w: int) -> Tensor:
-        model = self.model
-        if self.previous is not None:
-            value = model.unit(self.x[(slice(None), *self.previous)])
-            self.a += value.unsqueeze(1) * model.W[step - 1]
-        self.previous = (c, h, w)
-        params = model.outputs(torch.sigmoid(self.a).unsqueeze(1), slice(step, step + 1))[:, 0]  # [B, p]
-        return model.head.dim_conditional(params)
+        params = self.model.outputs(torch.sigmoid(self.a).unsqueeze(1), slice(step, step + 1))[:, 0]  # [B, p]
+        return self.model.head.dim_conditional(params)
+
+    def final(self, step: int, c: int, h: int, w: int) -> None:
+        self.a.addcmul_(self.model.unit(self.x[:, c, h, w]).unsqueeze(1), self.model.W[step])

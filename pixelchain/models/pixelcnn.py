@@ -13,66 +13,21 @@ For C = 3 every convolution that sees the current pixel is split into channel gr
 the outputs for G see R, those for B see R and G (sub-pixel masking).
 
 Cached decoding runs the same forward code on a single pixel (and, for the vertical stack, on a
-single row), each spatial layer keeping its inputs: a step costs one output position per layer.
+single row), its spatial layers run through the decoder's caches (``run``), which keep their
+inputs: a step costs one output position per layer.
 """
 
 from __future__ import annotations
-
-from contextlib import ExitStack
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..decode import Decoder
+from ..decode import DIRECT, ConvDecoder, Decoder, Run
 from ..heads import default_head
-from ..layers import CausalConv2d, Cursor, cached, channel_group_mask, pixelcnn_conv, pointwise_conv
+from ..layers import CausalConv2d, channel_group_mask, pixelcnn_conv, pointwise_conv
 from . import register
 from .base import AutoregressiveModel, check_sizes
-
-
-class ConvDecoder(Decoder):
-    """Cached decoding for causal convolutional models.
-
-    The model's spatial layers get caches that keep their inputs; ``pixel_params(h, w)``
-    (model-specific) evaluates the network at one pixel. The convolutions in ``reads_image``
-    see the canvas directly: when a pixel is finished its final value is stored in them (during
-    the pixel's own steps they held the not yet decided channels, which the masks ignore).
-    Parameters of a pixel are recomputed for every channel when the head's channels depend on
-    the network's sub-pixel outputs, once per pixel otherwise.
-    """
-
-    def __init__(self, model, x: Tensor, labels: Tensor | None, reads_image: list[CausalConv2d]) -> None:
-        super().__init__(model, x, labels)
-        self.cursor = Cursor()
-        self._exit = ExitStack()
-        _, H, W = model.image_shape
-        self._exit.enter_context(cached([model], self.cursor, len(x), H, W))
-        self.reads_image = reads_image
-        self.pixel: tuple[int, int] | None = None
-        self.params: Tensor | None = None
-
-    def close(self) -> None:
-        self._exit.close()
-
-    def image(self, rows: slice, cols: slice) -> Tensor:
-        """The canvas at [rows, cols] as the network's input (``model.image``)."""
-        return self.model.image(self.x[:, :, rows, cols])
-
-    def pixel_params(self, h: int, w: int) -> Tensor:
-        raise NotImplementedError
-
-    def conditional(self, step: int, c: int, h: int, w: int) -> Tensor:
-        if self.pixel != (h, w):
-            if self.pixel is not None:
-                final = self.image(slice(self.pixel[0], self.pixel[0] + 1), slice(self.pixel[1], self.pixel[1] + 1))
-                for conv in self.reads_image:
-                    conv.cache.store(*self.pixel, final[:, :, 0, 0])
-            self.pixel, self.params = (h, w), None
-        if self.params is None or self.model.subpixel:
-            self.cursor.i, self.cursor.j = h, w
-            self.params = self.pixel_params(h, w)[:, :, 0, 0]
-        return self.model.head.conditional(self.params, self.x[:, :, h, w], c)
 
 
 # --------------------------------------------------------------------------- PixelCNN
@@ -86,8 +41,8 @@ class ResidualBlock(nn.Module):
         self.expand = pointwise_conv(channels, 2 * channels, groups)
         self.dropout = dropout
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv(F.relu(self.reduce(F.relu(x))))
+    def forward(self, x: Tensor, run: Run = DIRECT) -> Tensor:
+        h = run(self.conv, F.relu(self.reduce(F.relu(x))))
         return x + self.expand(F.dropout(F.relu(h), self.dropout, self.training))
 
 
@@ -115,30 +70,27 @@ class PixelCNN(AutoregressiveModel):
         C = self.image_shape[0]
         self.subpixel = C > 1
         self.input_conv = pixelcnn_conv(C, 2 * channels, input_kernel_size, "A", C)
-        self.blocks = nn.Sequential(*[ResidualBlock(channels, kernel_size, C, dropout) for _ in range(num_blocks)])
+        self.blocks = nn.ModuleList(ResidualBlock(channels, kernel_size, C, dropout) for _ in range(num_blocks))
         self.head_layers = nn.Sequential(
             nn.ReLU(), pointwise_conv(2 * channels, head_channels, C),
             nn.ReLU(), pointwise_conv(head_channels, self.param_channels, C),
         )
 
-    def image(self, x: Tensor) -> Tensor:
-        """Levels [B, C, H, W] -> the network's input floats in [-1, 1]."""
-        return self.unit(x) * 2 - 1
-
-    def network(self, image: Tensor) -> Tensor:
+    def network(self, image: Tensor, run: Run = DIRECT) -> Tensor:
         """Input floats [B, C, H, W] in [-1, 1] -> head parameters [B, P, H, W]."""
-        return self.head_layers(self.blocks(self.input_conv(image)))
+        h = run(self.input_conv, image)
+        for block in self.blocks:
+            h = block(h, run)
+        return self.head_layers(h)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         return self.network(self.image(x))
 
     def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
-        return PixelCNNDecoder(self, x, labels, [self.input_conv])
+        return ConvDecoder(self, x, labels, [self.input_conv])
 
-
-class PixelCNNDecoder(ConvDecoder):
-    def pixel_params(self, h: int, w: int) -> Tensor:
-        return self.model.network(self.image(slice(h, h + 1), slice(w, w + 1)))
+    def pixel_params(self, decoder: ConvDecoder, h: int, w: int) -> Tensor:
+        return self.network(decoder.image(slice(h, h + 1), slice(w, w + 1)), decoder.caches.at(h, w))
 
 
 # --------------------------------------------------------------------------- Gated PixelCNN
@@ -177,16 +129,17 @@ class GatedLayer(nn.Module):
         self.residual = None if first else pointwise_conv(channels, channels, groups)
         self.class_bias = None if num_classes is None else nn.Embedding(num_classes, 4 * channels)
 
-    def vertical(self, v: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+    def vertical(self, v: Tensor, labels: Tensor | None, run: Run = DIRECT) -> tuple[Tensor, Tensor]:
         """Vertical input [B, Cin, H, W] -> (pre-activation [B, 2h, H, W], output [B, h, H, W])."""
-        pre = self.vertical_conv(v)
+        pre = run(self.vertical_conv, v)
         if self.class_bias is not None:
             pre = pre + self.class_bias(labels)[:, : pre.shape[1], None, None]
         return pre, gate(pre)
 
-    def horizontal(self, h: Tensor, shifted_vertical: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+    def horizontal(self, h: Tensor, shifted_vertical: Tensor, labels: Tensor | None,
+                   run: Run = DIRECT) -> tuple[Tensor, Tensor]:
         """Horizontal input and the down-shifted vertical pre-activation -> (output, skip)."""
-        pre = self.horizontal_conv(h) + self.link(shifted_vertical)
+        pre = run(self.horizontal_conv, h) + self.link(shifted_vertical)
         if self.class_bias is not None:
             pre = pre + self.class_bias(labels)[:, pre.shape[1] :, None, None]
         g = gate(pre)
@@ -222,23 +175,20 @@ class GatedPixelCNN(AutoregressiveModel):
             nn.ReLU(), pointwise_conv(head_channels, self.param_channels, C),
         )
 
-    def image(self, x: Tensor) -> Tensor:
-        """Levels [B, C, H, W] -> the network's input floats in [-1, 1]."""
-        return self.unit(x) * 2 - 1
-
-    def vertical_stack(self, image: Tensor, labels: Tensor | None) -> list[Tensor]:
+    def vertical_stack(self, image: Tensor, labels: Tensor | None, run: Run = DIRECT) -> list[Tensor]:
         """Vertical pre-activations of every layer (not yet shifted): list of [B, 2h, H, W]."""
         pres, v = [], image
         for layer in self.layers:
-            pre, v = layer.vertical(v, labels)
+            pre, v = layer.vertical(v, labels, run)
             pres.append(pre)
         return pres
 
-    def horizontal_stack(self, image: Tensor, shifted: list[Tensor], labels: Tensor | None) -> Tensor:
+    def horizontal_stack(self, image: Tensor, shifted: list[Tensor], labels: Tensor | None,
+                         run: Run = DIRECT) -> Tensor:
         """Horizontal stack given the down-shifted vertical pre-activations -> params [B, P, H, W]."""
         h, skips = image, 0
         for layer, vertical in zip(self.layers, shifted, strict=True):
-            h, skip = layer.horizontal(h, vertical, labels)
+            h, skip = layer.horizontal(h, vertical, labels, run)
             skips = skips + skip
         return self.head_layers(skips)
 
@@ -248,29 +198,19 @@ class GatedPixelCNN(AutoregressiveModel):
         return self.horizontal_stack(image, shifted, labels)
 
     def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
-        return GatedDecoder(self, x, labels, [self.layers[0].horizontal_conv])
+        return ConvDecoder(self, x, labels, [self.layers[0].horizontal_conv])
 
-
-class GatedDecoder(ConvDecoder):
-    """The vertical stack runs once per row (on the row above, when it is complete), the
-    horizontal stack once per pixel (per channel for sub-pixel models)."""
-
-    def __init__(self, model: GatedPixelCNN, x: Tensor, labels: Tensor | None, reads_image) -> None:
-        super().__init__(model, x, labels, reads_image)
-        self.row = -1
-        self.shifted: list[Tensor] = []
-
-    def pixel_params(self, h: int, w: int) -> Tensor:
-        model = self.model
-        if self.row != h:  # a new row: the vertical stack of the (complete) row above
+    def pixel_params(self, decoder: ConvDecoder, h: int, w: int) -> Tensor:
+        """The vertical stack once per row (on the complete row above), the horizontal stack at the
+        pixel."""
+        def vertical_above() -> list[Tensor]:
             if h == 0:
-                width = model.image_shape[2]
-                self.shifted = [self.x.new_zeros(len(self.x), layer.link.in_channels, 1, width, dtype=model.dtype)
-                                for layer in model.layers]
-            else:
-                self.cursor.i, self.cursor.j = h - 1, None
-                self.shifted = model.vertical_stack(self.image(slice(h - 1, h), slice(None)), self.labels)
-                self.cursor.i, self.cursor.j = h, w
-            self.row = h
-        shifted = [pre[:, :, :, w : w + 1] for pre in self.shifted]
-        return model.horizontal_stack(self.image(slice(h, h + 1), slice(w, w + 1)), shifted, self.labels)
+                width = self.image_shape[2]
+                return [decoder.x.new_zeros(len(decoder.x), layer.link.in_channels, 1, width, dtype=self.dtype)
+                        for layer in self.layers]
+            return self.vertical_stack(decoder.image(slice(h - 1, h), slice(None)), decoder.labels,
+                                       decoder.caches.at(h - 1, None))
+
+        shifted = [pre[:, :, :, w : w + 1] for pre in decoder.per_row(h, vertical_above)]
+        return self.horizontal_stack(decoder.image(slice(h, h + 1), slice(w, w + 1)), shifted, decoder.labels,
+                                     decoder.caches.at(h, w))

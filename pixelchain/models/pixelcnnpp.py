@@ -8,8 +8,9 @@ ResNets with concat-ELU and dropout; the head is a discretised logistic mixture 
 channels depend linearly on each other, so the network itself sees whole pixels only.
 
 Decoding with caches (Fast PixelCNN++, Ramachandran et al., 2017) uses this same code: the ``u``
-stream runs one row per image row, the ``ul`` stream one pixel per pixel, each layer computing
-only the position at its own resolution that the cursor points to.
+stream runs one row per image row, the ``ul`` stream one pixel per pixel, each spatial layer run
+through the decoder's caches (``run``) computing only the position at its own resolution that the
+cursor points to.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..decode import Decoder
+from ..decode import DIRECT, ConvDecoder, Decoder, Run
 from ..heads import DiscretizedLogisticMixture
 from ..layers import CausalConv2d, CausalConvTranspose2d
 from . import register
 from .base import AutoregressiveModel, check_sizes
-from .pixelcnn import ConvDecoder
 
 
 def concat_elu(x: Tensor) -> Tensor:
@@ -50,11 +50,11 @@ class GatedResNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = make_conv(2 * channels, 2 * channels, scale)
 
-    def forward(self, x: Tensor, aux: Tensor | None = None) -> Tensor:
-        h = self.conv1(concat_elu(x))
+    def forward(self, x: Tensor, aux: Tensor | None = None, run: Run = DIRECT) -> Tensor:
+        h = run(self.conv1, concat_elu(x))
         if aux is not None:
             h = h + self.aux(concat_elu(aux))
-        a, b = self.conv2(self.dropout(concat_elu(h))).chunk(2, dim=1)
+        a, b = run(self.conv2, self.dropout(concat_elu(h))).chunk(2, dim=1)
         return x + a * torch.sigmoid(b)
 
 
@@ -62,8 +62,6 @@ class GatedResNet(nn.Module):
 class PixelCNNPP(AutoregressiveModel):
     """PixelCNN++ with ``channels`` filters, ``num_resnet`` blocks per scale and stream, and a
     mixture of ``num_mixtures`` discretised logistics."""
-
-    subpixel = False  # the network sees whole pixels; the head orders the channels
 
     def __init__(
         self,
@@ -115,44 +113,44 @@ class PixelCNNPP(AutoregressiveModel):
         v = self.unit(x) * 2 - 1
         return torch.cat([v, torch.ones_like(v[:, :1])], dim=1)
 
-    def u_stream(self, image: Tensor) -> list[Tensor]:
+    def u_stream(self, image: Tensor, run: Run = DIRECT) -> list[Tensor]:
         """The u stream; returns the output of every u block, in block order."""
-        u = self.u_init(image)
+        u = run(self.u_init, image)
         skips, outputs = [u], []
         for s, scale in enumerate(self.u_down):
             if s > 0:
-                u = self.u_downsample[s - 1](u)
+                u = run(self.u_downsample[s - 1], u)
                 skips.append(u)
             for block in scale:
-                u = block(u)
+                u = block(u, None, run)
                 skips.append(u)
                 outputs.append(u)
         skips.pop()
         for s, scale in enumerate(self.u_up):
             if s > 0:
-                u = self.u_upsample[s - 1](u, self.sizes[len(self.u_up) - 1 - s])
+                u = run(self.u_upsample[s - 1], u, self.sizes[len(self.u_up) - 1 - s])
             for block in scale:
-                u = block(u, skips.pop())
+                u = block(u, skips.pop(), run)
                 outputs.append(u)
         return outputs
 
-    def ul_stream(self, image: Tensor, u_outputs: list[Tensor]) -> Tensor:
+    def ul_stream(self, image: Tensor, u_outputs: list[Tensor], run: Run = DIRECT) -> Tensor:
         """The ul stream, given the u blocks' outputs at the same places -> params [B, P, H, W]."""
-        ul = self.ul_init_up(image) + self.ul_init_left(image)
+        ul = run(self.ul_init_up, image) + run(self.ul_init_left, image)
         skips, u = [ul], iter(u_outputs)
         for s, scale in enumerate(self.ul_down):
             if s > 0:
-                ul = self.ul_downsample[s - 1](ul)
+                ul = run(self.ul_downsample[s - 1], ul)
                 skips.append(ul)
             for block in scale:
-                ul = block(ul, next(u))
+                ul = block(ul, next(u), run)
                 skips.append(ul)
         skips.pop()
         for s, scale in enumerate(self.ul_up):
             if s > 0:
-                ul = self.ul_upsample[s - 1](ul, self.sizes[len(self.ul_up) - 1 - s])
+                ul = run(self.ul_upsample[s - 1], ul, self.sizes[len(self.ul_up) - 1 - s])
             for block in scale:
-                ul = block(ul, torch.cat([next(u), skips.pop()], dim=1))
+                ul = block(ul, torch.cat([next(u), skips.pop()], dim=1), run)
         return self.out(F.elu(ul))
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -160,21 +158,11 @@ class PixelCNNPP(AutoregressiveModel):
         return self.ul_stream(image, self.u_stream(image))
 
     def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
-        return PixelCNNPPDecoder(self, x, labels, [self.u_init, self.ul_init_up, self.ul_init_left])
+        return ConvDecoder(self, x, labels, [self.u_init, self.ul_init_up, self.ul_init_left])
 
-
-class PixelCNNPPDecoder(ConvDecoder):
-    """u stream once per row (every scale's row under the cursor), ul stream once per pixel."""
-
-    def __init__(self, model: PixelCNNPP, x: Tensor, labels: Tensor | None, reads_image) -> None:
-        super().__init__(model, x, labels, reads_image)
-        self.row, self.u_rows = -1, []
-
-    def pixel_params(self, h: int, w: int) -> Tensor:
-        model = self.model
-        if self.row != h:
-            self.cursor.i, self.cursor.j = h, None
-            self.u_rows = model.u_stream(self.image(slice(h, h + 1), slice(None)))
-            self.cursor.j, self.row = w, h
-        u_here = [u[:, :, :, w >> s : (w >> s) + 1] for u, s in zip(self.u_rows, model.block_scales, strict=True)]
-        return model.ul_stream(self.image(slice(h, h + 1), slice(w, w + 1)), u_here)
+    def pixel_params(self, decoder: ConvDecoder, h: int, w: int) -> Tensor:
+        """The u stream once per row (every scale's row under the cursor), the ul stream at the pixel."""
+        u_rows = decoder.per_row(h, lambda: self.u_stream(decoder.image(slice(h, h + 1), slice(None)),
+                                                           decoder.caches.at(h, None)))
+        u_here = [u[:, :, :, w >> s : (w >> s) + 1] for u, s in zip(u_rows, self.block_scales, strict=True)]
+        return self.ul_stream(decoder.image(slice(h, h + 1), slice(w, w + 1)), u_here, decoder.caches.at(h, w))

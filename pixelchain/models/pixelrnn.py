@@ -25,12 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..decode import Decoder
+from ..decode import ConvCache, Cursor, Decoder
 from ..heads import default_head
 from ..layers import (
     CausalConv2d,
-    ConvCache,
-    Cursor,
     channel_group_mask,
     pixelcnn_conv,
     pointwise_conv,
@@ -252,7 +250,7 @@ class PixelRNNDecoder(Decoder):
     states kept are those of the last visit (channel C - 1), when every other channel of the pixel
     is final, and no state of a pixel depends on its own last channel (type A first layer, type B
     after it), so they are the teacher-forced ones. Only the canvas itself changes after that: the
-    first convolution's cache gets the pixel's final value when the next pixel starts.
+    first convolution's cache gets the pixel's final value when its last channel is final.
     """
 
     def __init__(self, model: PixelRNN, x: Tensor, labels: Tensor | None = None) -> None:
@@ -261,6 +259,10 @@ class PixelRNNDecoder(Decoder):
         self.cursor = Cursor()
         self.first = ConvCache(model.first, self.cursor, len(x), H, W)
         self.pixel: tuple[int, int] | None = None
+
+    def final(self, step: int, c: int, i: int, j: int) -> None:
+        if c == self.x.shape[1] - 1:  # the pixel is complete
+            self.first.store(i, j, self.model.unit(self.x[:, :, i, j]))
 
     def start_row(self, i: int) -> None:
         """Called when row i starts; rows above it are final."""
@@ -272,9 +274,6 @@ class PixelRNNDecoder(Decoder):
     def conditional(self, step: int, c: int, i: int, j: int) -> Tensor:
         model = self.model
         if self.pixel != (i, j):
-            if self.pixel is not None:
-                pi, pj = self.pixel
-                self.first.store(pi, pj, model.unit(self.x[:, :, pi, pj]))
             if self.pixel is None or self.pixel[0] != i:
                 self.start_row(i)
             self.pixel = (i, j)

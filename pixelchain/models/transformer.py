@@ -113,20 +113,19 @@ class Transformer(AutoregressiveModel):
 
 
 class TransformerDecoder(Decoder):
-    """Step t runs token t (the value decoded at step t - 1) through the blocks and their caches."""
+    """Step t runs token t (the value final at step t - 1) through the blocks and their caches."""
 
     def __init__(self, model: Transformer, x: Tensor, labels: Tensor | None = None) -> None:
         super().__init__(model, x, labels)
         head_dim = model.position_embedding.shape[1] // model.num_heads
         self.caches = [KVCache(len(x), model.num_heads, model.num_dims, head_dim, model.position_embedding)
                        for _ in model.blocks]
-        self.order = model.decoding_order()
+        self.previous = x.new_full((len(x),), model.num_levels)  # the start value
+
+    def final(self, step: int, c: int, h: int, w: int) -> None:
+        self.previous = self.x[:, c, h, w]
 
     def conditional(self, step: int, c: int, h: int, w: int) -> Tensor:
         model = self.model
-        if step:
-            previous = self.x[(slice(None), *self.order[step - 1])]
-        else:
-            previous = self.x.new_full((len(self.x),), model.num_levels)
-        params = model.run(previous.unsqueeze(1), slice(step, step + 1), self.caches)[:, 0]
+        params = model.run(self.previous.unsqueeze(1), slice(step, step + 1), self.caches)[:, 0]
         return model.head.dim_conditional(params)
