@@ -7,54 +7,26 @@
 
 from __future__ import annotations
 
-import inspect
-from importlib import import_module
-
+from ..registry import Registry
 from .base import Classifier
 
-CLASSIFIERS: dict[str, type[Classifier]] = {}
-
 # One module per family; importing it registers its classifiers.
-_FAMILIES = ["logistic", "resnet", "vgg"]
-
-
-def register(name: str):
-    """Class decorator: make a classifier available to ``create`` (and checkpoints) as ``name``."""
-
-    def add(cls):
-        if name in CLASSIFIERS:
-            raise ValueError(f"classifier name {name!r} registered twice")
-        cls.name = name
-        CLASSIFIERS[name] = cls
-        return cls
-
-    return add
+REGISTRY = Registry("classifier", __name__, ["logistic", "resnet", "vgg"],
+                    fixed=("image_shape", "num_levels", "num_classes"))
+CLASSIFIERS = REGISTRY.classes
+register = REGISTRY.register
 
 
 def list_classifiers() -> list[str]:
     """Registered classifier names."""
-    _import_families()
-    return sorted(CLASSIFIERS)
+    return REGISTRY.names()
 
 
 def create(name: str, image_shape: tuple[int, int, int], num_levels: int, num_classes: int = 10,
            **hparams) -> Classifier:
     """Build the registered classifier ``name`` for images of ``image_shape`` (C, H, W) with K levels."""
-    _import_families()
-    if name not in CLASSIFIERS:
-        raise ValueError(f"unknown classifier {name!r}; registered: {', '.join(sorted(CLASSIFIERS))}")
-    cls = CLASSIFIERS[name]
-    known = [p for p in inspect.signature(cls.__init__).parameters
-             if p not in ("self", "image_shape", "num_levels", "num_classes")]
-    unknown = sorted(set(hparams) - set(known))
-    if unknown:
-        raise ValueError(f"{name} has no hyperparameter {', '.join(unknown)}; its hyperparameters are {known}")
-    return cls(image_shape=tuple(image_shape), num_levels=num_levels, num_classes=num_classes, **hparams)
-
-
-def _import_families() -> None:
-    for family in _FAMILIES:
-        import_module(f"{__name__}.{family}")
+    return REGISTRY.create(name, image_shape=tuple(image_shape), num_levels=num_levels, num_classes=num_classes,
+                           **hparams)
 
 
 __all__ = ["CLASSIFIERS", "Classifier", "create", "list_classifiers", "register"]

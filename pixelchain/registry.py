@@ -1,0 +1,54 @@
+"""A registry of named model classes; the density models and the classifiers each keep one.
+
+Each family lives in its own module of the registry's package and registers its classes when
+imported (``@REGISTRY.register("name")``); the registry imports every family before answering.
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib import import_module
+from typing import Any
+
+
+class Registry:
+    """Names -> classes of one ``kind`` ('model', 'classifier'), built from ``families`` of ``package``.
+    ``fixed`` names the constructor arguments every class takes (not hyperparameters)."""
+
+    def __init__(self, kind: str, package: str, families: list[str], fixed: tuple[str, ...]) -> None:
+        self.kind, self.package, self.families, self.fixed = kind, package, families, fixed
+        self.classes: dict[str, type] = {}
+
+    def register(self, name: str):
+        """Class decorator: make a class available to ``create`` (and checkpoints) as ``name``."""
+
+        def add(cls):
+            if name in self.classes:
+                raise ValueError(f"{self.kind} name {name!r} registered twice")
+            cls.name = name
+            self.classes[name] = cls
+            return cls
+
+        return add
+
+    def names(self) -> list[str]:
+        """Every registered name, sorted."""
+        self._import_families()
+        return sorted(self.classes)
+
+    def create(self, name: str, **args: Any):
+        """Build ``name`` from its fixed arguments and hyperparameters; ValueError naming an unknown
+        name or hyperparameter."""
+        self._import_families()
+        if name not in self.classes:
+            raise ValueError(f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self.classes))}")
+        cls = self.classes[name]
+        known = [p for p in inspect.signature(cls.__init__).parameters if p != "self" and p not in self.fixed]
+        unknown = sorted(set(args) - set(known) - set(self.fixed))
+        if unknown:
+            raise ValueError(f"{name} has no hyperparameter {', '.join(unknown)}; its hyperparameters are {known}")
+        return cls(**args)
+
+    def _import_families(self) -> None:
+        for family in self.families:
+            import_module(f"{self.package}.{family}")
