@@ -266,12 +266,14 @@ def render(args, results: dict, adaptive_eps: int) -> str:
     timing = results["timing"]
     rate = {k: sum(t["images"] for t in v) / sum(t["seconds"] for t in v) for k, v in timing.items()}
     if "cached" in rate:
-        lines.append(f"Purification throughput, cached decoding: {rate['cached']:.2f} images/s over all "
-                     f"purifications of this run (batches of {args.batch_size}, {args.n} images each).")
+        runs = timing["cached"]
+        lines.append(f"Purification throughput, cached decoding: {rate['cached']:.2f} images/s over the "
+                     f"{len(runs)} purifications this density model's cache holds ({sum(t['images'] for t in runs)} "
+                     f"images in batches of {runs[0]['batch_size']}, some timed while other jobs shared the cores).")
     if "naive" in rate and "cached" in rate:
-        lines.append(f"Naive decoding (a full forward pass per step; {args.naive_steps} steps timed at batch "
-                     f"{args.batch_size}, extrapolated to {results['num_dims']} steps): {rate['naive']:.3f} images/s, "
-                     f"{rate['cached'] / rate['naive']:.0f}x slower than cached.")
+        lines.append(f"Naive decoding (a full forward pass per step, a few steps timed at batch "
+                     f"{timing['naive'][0]['batch_size']} and extrapolated to {results['num_dims']} steps): "
+                     f"{rate['naive']:.3f} images/s, {rate['cached'] / rate['naive']:.0f}x slower than cached.")
     return "\n".join(lines) + "\n"
 
 
