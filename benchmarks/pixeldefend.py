@@ -1,6 +1,6 @@
 """PixelDefend on Fashion-MNIST, evaluated end to end: attacks, detection, purification, BPDA.
 
-    python -m benchmarks.pixeldefend --model /work/runs/fmnist_pixelcnn_pp \
+    python -m benchmarks.pixeldefend --model fmnist_pixelcnn_pp \
         --classifiers fmnist_resnet fmnist_vgg --n 1000 --work-dir runs/pixeldefend
 
 On ``--n`` test images drawn with ``--seed``: each classifier's clean accuracy; each attack (ART:

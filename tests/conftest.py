@@ -1,6 +1,8 @@
 """Test-suite settings: read the local dataset copies, never download, keep the cache private."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,14 @@ def data_root(name: str) -> Path:
     if name == "fashion_mnist" and Path("/usr/share/datasets/fashion-mnist").is_dir():
         return Path("/usr/share/datasets/fashion-mnist")
     pytest.skip(f"local copy of {name} not found (set PIXELCHAIN_DATA)")
+
+
+def train_under_torchrun(run: Path, batch_size: int, epochs: int) -> subprocess.CompletedProcess:
+    """``pixelchain train fully_visible`` on the digits in two gloo processes (one thread each);
+    asserts it exited cleanly and returns the finished process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "pixelchain.cli", "train",
+           "fully_visible", "--dataset", "digits", "--run-dir", str(run), "--epochs", str(epochs), "--batch-size",
+           str(batch_size), "--no-figures"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from conftest import train_under_torchrun
 from PIL import Image
 
 from pixelchain.cli import main
@@ -105,11 +106,7 @@ def test_interrupted_run_resumes_to_the_end(tmp_path, how):
 def test_data_parallel_training_under_torchrun(tmp_path):
     """Two gloo processes train one model: each sees half of every epoch, rank 0 writes the run."""
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "pixelchain.cli", "train",
-           "fully_visible", "--dataset", "digits", "--run-dir", str(run), "--epochs", "2", "--batch-size", "32",
-           "--no-figures"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = train_under_torchrun(run, batch_size=32, epochs=2)
     assert done.stdout.count("test NLL") == 1  # only rank 0 reports
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [20, 40]  # 1256 images -> 628 per process -> 20 batches of <= 32

@@ -4,7 +4,6 @@ these failed before and is a clear result or a clear error now."""
 import errno
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_under_torchrun
 from safetensors.torch import save_file
 from test_properties import DENSITY_MODELS, TINY, build
 
@@ -318,11 +318,7 @@ def test_shipped_weights_carry_a_digest_and_no_masks():
 def test_train_nll_is_the_mean_over_processes_under_torchrun(tmp_path):
     """One batch per process: the logged training NLL is the mean over both processes' images."""
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "pixelchain.cli", "train",
-           "fully_visible", "--dataset", "digits", "--run-dir", str(run), "--epochs", "1", "--batch-size", "1000",
-           "--no-figures"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    train_under_torchrun(run, batch_size=1000, epochs=1)
     train = pc.data.load("digits", "train")
     torch.manual_seed(0)  # the CLI's initial weights (seed 0)
     model = pc.create("fully_visible", train.image_shape, train.num_levels)
