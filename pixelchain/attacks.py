@@ -11,8 +11,7 @@ purifier) is not in ART and is written here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -22,20 +21,9 @@ from tqdm.auto import tqdm
 
 from .classifiers import Classifier
 from .models.base import check_eps
+from .runtime import intra_op_threads
 
 ATTACKS = ("random", "fgsm", "bim", "deepfool", "cw")
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread, then restore the previous setting. ART's tiny forward and
-    backward passes ran ~100x slower with 2 threads than with 1 on two busy cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class UnitLogits(nn.Module):
@@ -106,7 +94,7 @@ def attack(
         "cw": lambda: CarliniLInfMethod(estimator, batch_size=batch_size, verbose=False),
     }[name]()
     u = (x.double() * step).cpu().numpy().astype(np.float32)
-    with one_thread():
+    with intra_op_threads(1):  # ART's tiny passes: ~100x slower at 2 threads on two busy cores
         u_adv = made.generate(u, y=labels.cpu().numpy())
     x_adv = torch.from_numpy(np.rint(u_adv.astype(np.float64) * (K - 1))).long().to(x.device)
     return project(x_adv, x, eps, K)
