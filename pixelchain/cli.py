@@ -1,12 +1,13 @@
-"""The command line: ``pixelchain train | eval | sample | complete | detect | purify | list``.
+"""The command line: ``pixelchain train | eval | sample | complete | attack | detect | purify | list``.
 
     pixelchain train gated_pixelcnn --dataset binarized_mnist --run-dir runs/gated --epochs 20
     pixelchain train fvsbn --dataset binarized_mnist --resume --run-dir runs/fvsbn
     pixelchain eval runs/gated
     pixelchain sample runs/gated -n 64
     pixelchain complete runs/gated
-    pixelchain detect runs/fmnist_pixelcnn_pp fashion_mnist:test[:1000] --out detect/
-    pixelchain purify runs/fmnist_pixelcnn_pp adversarial.npy --eps 16 --out purified/
+    pixelchain attack fmnist_resnet fashion_mnist:test[:1000] --method bim --eps 8 --out adv/
+    pixelchain detect fmnist_pixelcnn_pp adv/adversarial.npy --out detect/
+    pixelchain purify fmnist_pixelcnn_pp adv/adversarial.npy --eps 16 --classifier fmnist_resnet --labels adv/labels.npy
 Under ``torchrun --nproc_per_node=N pixelchain train ...`` training is data-parallel.
 """
 
@@ -27,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import checkpoint, data, defend, plots, runtime
-from .classifiers import list_classifiers
+from . import attacks, checkpoint, data, defend, plots, runtime
+from .classifiers import Classifier, list_classifiers
 from .models import list_models
 from .models.base import DECODE_BATCH
 from .run_dir import RunDir, result_record
@@ -183,9 +184,7 @@ def read_images(spec: str, channels: int) -> torch.Tensor:
     folder of PNGs (sorted by name; read as greyscale when ``channels`` is 1, else RGB)."""
     path = Path(spec)
     if spec.endswith(".npy"):
-        array = np.load(path, allow_pickle=False)
-        if not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"{spec}: images must be integer levels, got dtype {array.dtype}")
+        array = read_integers(path, "images")
         if array.ndim == 3:
             array = array[:, None]
         return torch.from_numpy(array.astype(np.int64))
@@ -199,12 +198,43 @@ def read_images(spec: str, channels: int) -> torch.Tensor:
             raise ValueError(f"{spec}: the PNGs differ in size")
         array = np.stack(arrays)
         return torch.from_numpy(array[:, None] if channels == 1 else array.transpose(0, 3, 1, 2)).long()
+    split, rows = dataset_split(spec)
+    return split.images[rows]
+
+
+def read_labels(spec: str, labels: str | None, count: int) -> torch.Tensor:
+    """int64 [count] labels of the images ``spec``: from ``labels`` (a .npy of integers [N]) when
+    given, else the labels of a dataset split ``NAME:SPLIT[A:B]``."""
+    if labels is not None:
+        y = torch.from_numpy(read_integers(Path(labels), "labels").astype(np.int64))
+        where = labels
+    elif spec.endswith(".npy") or Path(spec).is_dir():
+        raise ValueError(f"{spec} carries no labels: pass --labels FILE.npy (integers [N])")
+    else:
+        split, rows = dataset_split(spec)
+        if split.labels is None:
+            raise ValueError(f"{spec}: this dataset has no labels")
+        y, where = split.labels[rows], spec
+    if y.shape != (count,):
+        raise ValueError(f"{where}: expected labels of shape [{count}] (one per image), got {list(y.shape)}")
+    return y
+
+
+def read_integers(path: Path, what: str) -> np.ndarray:
+    """A .npy array of integers (``what`` names it in errors); never unpickles."""
+    array = np.load(path, allow_pickle=False)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{path}: {what} must be integers, got dtype {array.dtype}")
+    return array
+
+
+def dataset_split(spec: str) -> tuple[data.ImageDataset, slice]:
+    """``NAME:SPLIT[A:B]`` -> the split and the slice of its rows."""
     match = re.fullmatch(r"(\w+):([\w+]+)(?:\[(-?\d*):(-?\d*)\])?", spec)
     if not match:
         raise ValueError(f"{spec!r} is not a .npy file, a folder of PNGs, or NAME:SPLIT[A:B]")
     name, split, a, b = match.groups()
-    images = data.load(name, split).images
-    return images[int(a) if a else None : int(b) if b else None]
+    return data.load(name, split), slice(int(a) if a else None, int(b) if b else None)
 
 
 def reference_spec(args) -> str:
@@ -237,9 +267,43 @@ def cmd_detect(args) -> None:
           f"-> {out / 'p_values.csv'}, {out / 'bits_per_dim.png'}")
 
 
+def load_classifier(name: str, device: torch.device) -> Classifier:
+    model = checkpoint.load(name, device)
+    if not isinstance(model, Classifier):
+        raise ValueError(f"{name} is a density model ({type(model).__name__}); a classifier is needed here, "
+                         "e.g. fmnist_resnet")
+    return model
+
+
+def save_levels(path: Path, x: torch.Tensor, num_levels: int) -> None:
+    """Save int64 levels as .npy: uint8 when they fit."""
+    np.save(path, x.cpu().numpy().astype(np.uint8 if num_levels <= 256 else np.int64))
+
+
+def cmd_attack(args) -> None:
+    classifier = load_classifier(args.classifier, runtime.pick_device(args.device))
+    x = read_images(args.images, classifier.image_shape[0])
+    y = read_labels(args.images, args.labels, len(x))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    x_adv = attacks.attack(classifier, x, y, args.method, args.eps, batch_size=args.batch_size,
+                           generator=torch.Generator().manual_seed(args.seed))
+    elapsed = time.perf_counter() - start
+    save_levels(out / "adversarial.npy", x_adv, classifier.num_levels)
+    np.save(out / "labels.npy", y.numpy())
+    plots.save_before_after(x[: args.grid], x_adv[: args.grid], classifier.num_levels, out / "before_after.png")
+    print(f"{args.method} (eps {args.eps}) on {len(x)} images in {elapsed:.1f} s: accuracy "
+          f"{defend.accuracy(classifier, x, y):.2%} -> {defend.accuracy(classifier, x_adv, y):.2%} "
+          f"-> {out / 'adversarial.npy'}, {out / 'labels.npy'}, {out / 'before_after.png'}")
+
+
 def cmd_purify(args) -> None:
     model = checkpoint.load(args.run, runtime.pick_device(args.device))
     x = read_images(args.images, model.image_shape[0])
+    if args.classifier:  # its errors (a density model, labels missing or mismatched) before decoding
+        classifier = load_classifier(args.classifier, runtime.pick_device(args.device))
+        y = read_labels(args.images, args.labels, len(x))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # before decoding, not after
     start = time.perf_counter()
@@ -254,12 +318,14 @@ def cmd_purify(args) -> None:
                                                    batch_size=args.batch_size, naive=args.naive)
         print(f"adaptive: p <= {threshold:.4f} purified ({touched.double().mean():.0%} of the images)")
     elapsed = time.perf_counter() - start
-    dtype = np.uint8 if model.num_levels <= 256 else np.int64
-    np.save(out / "purified.npy", purified.cpu().numpy().astype(dtype))
+    save_levels(out / "purified.npy", purified, model.num_levels)
     plots.save_before_after(x[: args.grid], purified[: args.grid], model.num_levels, out / "before_after.png")
     changed = (purified != x).flatten(1).any(1).double().mean()
     print(f"purified {len(x)} images (eps {args.eps}) in {elapsed:.1f} s ({len(x) / elapsed:.2f} images/s); "
           f"{changed:.0%} changed -> {out / 'purified.npy'}, {out / 'before_after.png'}")
+    if args.classifier:
+        print(f"{args.classifier}: accuracy {defend.accuracy(classifier, x, y):.2%} before purification, "
+              f"{defend.accuracy(classifier, purified, y):.2%} after")
 
 
 def cmd_list(args) -> None:
@@ -348,6 +414,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     images_help = ("NAME:SPLIT[A:B] (e.g. fashion_mnist:test[:1000]), a .npy of integers [N,C,H,W] or [N,H,W], "
                    "or a PNG folder")
+    p = sub.add_parser("attack", help="adversarial examples for a classifier (ART; pip install -e '.[defend]')")
+    p.add_argument("classifier", help="classifier: run directory or shipped checkpoint name (e.g. fmnist_resnet)")
+    p.add_argument("images", help=images_help)
+    p.add_argument("--labels", help="true labels, a .npy of integers [N] (default: the dataset split's)")
+    p.add_argument("--method", choices=attacks.ATTACKS, default="fgsm")
+    p.add_argument("--eps", type=int, default=8, help="L-inf radius in levels (0-255 units for 256 levels)")
+    p.add_argument("--out", default="adversarial", help="folder for adversarial.npy, labels.npy, before_after.png")
+    p.add_argument("--batch-size", type=positive, default=128)
+    p.add_argument("--grid", type=int, default=16, help="images in the before/after figure")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-noise attack")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_attack)
+
     p = sub.add_parser("detect", help="PixelDefend detection: bits/dim and p-values of images under a density model")
     p.add_argument("run", help="density model: run directory or shipped checkpoint name")
     p.add_argument("images", help=images_help)
@@ -372,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "of clean --reference images (e.g. 0.05); the others stay unchanged")
     p.add_argument("--reference", help="clean images for --adaptive (default: the model's dataset, valid split)")
     p.add_argument("--naive", action="store_true", help="reference decoder: a full forward pass per step")
+    p.add_argument("--classifier", help="also report this classifier's accuracy before and after purification")
+    p.add_argument("--labels", help="true labels for --classifier, a .npy of integers [N] (default: the dataset "
+                   "split's)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_purify)
 
@@ -393,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         args.func(args)
-    except (data.DataError, OSError, ValueError, TrainingDiverged) as error:
+    except (data.DataError, OSError, ValueError, ImportError, TrainingDiverged) as error:
         print(f"pixelchain {args.command}: error: {error}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM while training: the usual 128 + signal

@@ -210,6 +210,45 @@ def test_cli_detect_and_purify(tmp_path, capsys):
         main(["purify", str(tmp_path / "model"), str(tmp_path / "bad.npy"), "--out", str(tmp_path / "p2")])
 
 
+def test_cli_attack_then_purify_reports_accuracy(tmp_path, capsys):
+    pytest.importorskip("art")
+    from pixelchain.cli import main
+
+    clf, data = trained_logistic_regression()
+    model = density(data.image_shape, K=data.num_levels)
+    pc.save(clf, tmp_path / "clf")
+    pc.save(model.float(), tmp_path / "model")
+    np.save(tmp_path / "x.npy", data.images[:24].numpy().astype(np.uint8))
+    np.save(tmp_path / "y.npy", data.labels[:24].numpy())
+    main(["attack", str(tmp_path / "clf"), str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+          "--method", "fgsm", "--eps", "2", "--out", str(tmp_path / "adv"), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    x_adv, x = np.load(tmp_path / "adv" / "adversarial.npy"), data.images[:24].numpy()
+    assert x_adv.dtype == np.uint8 and x_adv.shape == (24, *data.image_shape)
+    assert (np.abs(x_adv.astype(int) - x) <= 2).all() and (x_adv != x).any()
+    np.testing.assert_array_equal(np.load(tmp_path / "adv" / "labels.npy"), data.labels[:24].numpy())
+    clean, attacked = defend.accuracy(clf, data.images[:24], data.labels[:24]), defend.accuracy(
+        clf, torch.from_numpy(x_adv).long(), data.labels[:24])
+    assert f"accuracy {clean:.2%} -> {attacked:.2%}" in printed
+    adv, labels = str(tmp_path / "adv" / "adversarial.npy"), str(tmp_path / "adv" / "labels.npy")
+    main(["purify", str(tmp_path / "model"), adv, "--eps", "1", "--out", str(tmp_path / "pure"),
+          "--classifier", str(tmp_path / "clf"), "--labels", labels, "--device", "cpu"])
+    purified = torch.from_numpy(np.load(tmp_path / "pure" / "purified.npy")).long()
+    after = defend.accuracy(clf, purified, data.labels[:24])
+    assert f"accuracy {attacked:.2%} before purification, {after:.2%} after" in capsys.readouterr().out
+    # clear errors, exit 1: no labels for a .npy, a density model where a classifier is needed, wrong label count
+    np.save(tmp_path / "five.npy", data.labels[:5].numpy())
+    for argv, message in [
+        (["attack", str(tmp_path / "clf"), adv], "pass --labels"),
+        (["attack", str(tmp_path / "model"), adv, "--labels", labels], "is a density model"),
+        (["purify", str(tmp_path / "model"), adv, "--classifier", str(tmp_path / "clf"), "--labels",
+          str(tmp_path / "five.npy")], "expected labels of shape [24]"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(argv + ["--out", str(tmp_path / "unused"), "--device", "cpu"])
+        assert message in capsys.readouterr().err
+
+
 def test_read_images_from_a_split_a_png_folder_and_npy(tmp_path):
     from PIL import Image
 
