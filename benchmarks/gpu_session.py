@@ -45,10 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CARRIED_DATA = ROOT / ".carry" / "data"  # .carry/ is ignored by git; name it in the run's carry
 # the full-size presets that have not reached their published figure, and their extra arguments
 GPU_PRESETS: dict[str, list[str]] = {
-    "gated_pixelcnn": [], "row_lstm": [], "diagonal_bilstm": ["--eval-every", "200"], "transformer": [],
+    "gated_pixelcnn": [], "row_lstm": [], "diagonal_bilstm": ["--eval-every", "200"],
+    "transformer": [], "transformer_64x8": [],
     "pixelcnn_pp": [], "pixelcnn_drop10": [], "pixelcnn_drop30": [], "pixelcnn_drop30_l2": [],
 }
-COMPILED = {"gated_pixelcnn", "transformer", "pixelcnn_drop10", "pixelcnn_drop30", "pixelcnn_drop30_l2"}
+COMPILED = {"gated_pixelcnn", "transformer", "transformer_64x8", "pixelcnn_drop10", "pixelcnn_drop30",
+            "pixelcnn_drop30_l2"}
 RESERVE, SMOKE_SECONDS = 60.0, 20.0
 ARCHIVE_BYTES = 15 << 20
 RECORD_FILES = (RESULT, METRICS, CONFIG)
