@@ -5,16 +5,16 @@
 The pre-activations of all D conditionals are an exclusive cumulative sum over dimensions,
 O(D * H) per image: a custom autograd function runs it over blocks of dimensions for the whole
 batch (a triangular product inside a block, the running sum carried between blocks: cache-sized
-states) and gives the gradients in closed form, one image at a time (its [D, H] states fit in
-the CPU cache); it keeps the hidden units for the backward pass (B * D * H floats, 200 MB at
-B = 128, H = 500): recomputing their sigmoids cost more. Decoding keeps the running
-pre-activation, O(H) per step.
+states) and gives the gradients in closed form, block by block in reverse. It keeps the hidden
+units for the backward pass (B * D * H floats, 200 MB at B = 128, H = 500): recomputing them cost
+more. The floor is the B * D * H sigmoids: 11 ms at B = 128, D = 784, H = 500 on one idle core of
+the reference machine (AMD EPYC, AVX-512), against about 30 ms for the whole evaluation pass and
+75 ms for a training step. Decoding keeps the running pre-activation, O(H) per step.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..decode import Decoder
@@ -23,69 +23,68 @@ from . import register
 from .base import AutoregressiveModel, check_sizes
 
 
-def exclusive_cumsum(x: Tensor, reverse: bool = False, block: int = 16) -> Tensor:
-    """sum_{j<d} x_j (or sum_{j>d} x_j when ``reverse``) along dim 0 of x [D, ...].
-
-    Computed as triangular matrix products within blocks of ``block`` dims plus a cumulative sum
-    of block totals: on CPUs torch.cumsum over an outer dim is a scalar loop, the products run at
-    matmul speed. The triangle's zero diagonal keeps x_d out of its own sum exactly.
-    """
-    D, n = x.shape[0], -(-x.shape[0] // block)
-    blocks = F.pad(x.reshape(D, -1), (0, 0, 0, n * block - D)).view(n, block, -1)
-    triangle = torch.ones(block, block, dtype=x.dtype, device=x.device)
-    triangle = triangle.triu(1) if reverse else triangle.tril(-1)
-    totals = blocks.sum(dim=1)  # [n, N]
-    if reverse:
-        offsets = F.pad(totals[1:].flip(0).cumsum(0).flip(0), (0, 0, 0, 1))
-    else:
-        offsets = F.pad(totals[:-1], (0, 0, 1, 0)).cumsum(0)
-    return (triangle @ blocks + offsets.unsqueeze(1)).view(n * block, *x.shape[1:])[:D]
+def pad_dims(t: Tensor, dims: int) -> Tensor:
+    """t [D, ...] zero-padded to [dims, ...] along dim 0 (t itself when D = dims)."""
+    return t if len(t) == dims else torch.cat([t, t.new_zeros(dims - len(t), *t.shape[1:])])
 
 
 class NADEParams(torch.autograd.Function):
-    """params [B, D, p] = V_d h_d + b_d with h_d = sigmoid(c + sum_{j<d} v_j W_j), V [D, p, H],
-    b [D, p]. The forward pass runs over blocks of ``DIM_BLOCK`` dimensions for the whole batch,
-    carrying the pre-activation from block to block (inside a block, a triangular product): its
-    [block, B, H] states stay in the CPU cache. The hidden units are kept for the backward pass when
-    it will run (recomputing their sigmoids costs more than keeping them); the backward pass runs
-    ``chunk`` images at a time and gives the gradients in closed form."""
+    """params [B, D, p] = V_d h_d + b_d with h_d = sigmoid(c + sum_{j<d} v_j W_j): v [B, D] (the
+    inputs, any real values), W [D, H], c [H], V [D, p, H], b [D, p].
+
+    Dimensions run in blocks of k = ``DIM_BLOCK`` (D zero-padded to n * k) with the whole batch,
+    each block's states [k, B, H] laid out dimension-major so every block is contiguous. Inside a
+    block the pre-activations are one product ``M @ W_block`` with M [(i, b), j] = v_bj [j < i]
+    (k multiply-adds per state, at matmul speed: a cumulative sum over dims is a scalar loop on CPUs)
+    plus the pre-activation ``a`` [B, H] of the block's first dimension, carried from block to block.
+    The outputs and the gradients of V are batched matrix products over the block's dims; the
+    gradient of W is ``M^T @ da`` inside the block plus ``v_block^T @ R`` for the later blocks, R
+    [B, H] the running sum of dL/da over the dims after the block (so R ends as dL/dc summed over
+    dims). Padded dims have v = 0, W = V = 0 and zero gradient, so they change nothing.
+    """
 
     DIM_BLOCK = 8
 
     @staticmethod
-    def forward(ctx, v: Tensor, W: Tensor, c: Tensor, V: Tensor, b: Tensor, chunk: int) -> Tensor:
-        (B, D), k = v.shape, NADEParams.DIM_BLOCK
-        Vt = V.transpose(1, 2)  # [D, H, p]
-        keep = any(ctx.needs_input_grad)
-        hidden = v.new_empty(D, B, W.shape[1]) if keep else None
-        out = v.new_empty(D, B, V.shape[1])
-        a = c.expand(B, -1).clone()  # the pre-activation of the block's first dimension
-        triangle = torch.ones(k, k, dtype=v.dtype, device=v.device).tril(-1)
-        for d0 in range(0, D, k):
-            n = min(k, D - d0)
-            vb, Wb = v[:, d0 : d0 + n], W[d0 : d0 + n]
-            terms = vb.t().contiguous().unsqueeze(-1) * Wb.unsqueeze(1)  # [n, B, H]: v_j W_j
-            h = torch.matmul(triangle[:n, :n], terms.view(n, -1)).view(n, B, -1).add_(a).sigmoid_()
-            torch.bmm(h, Vt[d0 : d0 + n], out=out[d0 : d0 + n])
-            if keep:
-                hidden[d0 : d0 + n] = h
-            a.addmm_(vb, Wb)
-        ctx.save_for_backward(v, V, *([hidden] if keep else []))
-        ctx.chunk = chunk
-        return out.transpose(0, 1) + b
+    def forward(ctx, v: Tensor, W: Tensor, c: Tensor, V: Tensor, b: Tensor, grad: bool = True) -> Tensor:
+        (B, D), k, H, p = v.shape, NADEParams.DIM_BLOCK, W.shape[1], V.shape[1]
+        n = -(-D // k)
+        vb = pad_dims(v.t(), n * k).contiguous().view(n, k, B)  # the inputs of each block
+        Wb, Vb = pad_dims(W, n * k).view(n, k, H), pad_dims(V, n * k).view(n, k, p, H)
+        triangle = torch.ones(k, k, dtype=v.dtype, device=v.device).tril(-1)  # [i, j] = [j < i]
+        M = (triangle.view(1, k, 1, k) * vb.transpose(1, 2).unsqueeze(1)).reshape(n, k * B, k)
+        # Keep the hidden units only when a backward pass can follow (inside a Function's forward
+        # needs_input_grad is True for parameters even under torch.no_grad, hence ``grad``).
+        keep = grad and any(ctx.needs_input_grad)
+        hidden = v.new_empty(n, k, B, H) if keep else None
+        pre = v.new_empty(k, B, H)  # a block's pre-activations (cache-sized)
+        out = v.new_empty(n, k, p, B)
+        a = c.expand(B, H).clone()  # pre-activation of the block's first dimension
+        for i in range(n):
+            pre.copy_(a.expand(k, B, H)).view(k * B, H).addmm_(M[i], Wb[i])
+            torch.addcmul(pre[-1], vb[i, -1].unsqueeze(1), Wb[i, -1], out=a)  # the next block's first
+            h = torch.sigmoid(pre, out=hidden[i]) if keep else pre.sigmoid_()
+            torch.bmm(Vb[i], h.transpose(1, 2), out=out[i])  # [k, p, B]
+        if keep:
+            ctx.save_for_backward(vb, Vb, M, hidden)
+        ctx.dims = D
+        return out.view(n * k, p, B)[:D].permute(2, 0, 1) + b
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        v, V, hidden = ctx.saved_tensors
-        dW, dc, dV = V.new_zeros(v.shape[1], V.shape[2]), V.new_zeros(V.shape[2]), torch.zeros_like(V)
-        for vc, gc, h in zip(v.split(ctx.chunk), grad.split(ctx.chunk), hidden.split(ctx.chunk, dim=1), strict=True):
-            g = gc.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # [D, b, p], fresh strides
-            dV += torch.bmm(g.transpose(1, 2), h)
-            da = torch.ops.aten.sigmoid_backward(torch.bmm(g, V), h)  # dL/da = dL/dh * h (1 - h)
-            dc += da.sum(dim=(0, 1))
-            # a_d depends on W_j for j < d: dW_j = sum_b v_bj * sum_{d > j} da_bd
-            dW += (vc.t().unsqueeze(-1) * exclusive_cumsum(da, reverse=True)).sum(1)
-        return None, dW, dc, dV, grad.sum(0), None
+        vb, Vb, M, hidden = ctx.saved_tensors
+        (n, k, B, H), p, D = hidden.shape, Vb.shape[2], ctx.dims
+        g = pad_dims(grad.permute(1, 2, 0), n * k).view(n, k, p, B)  # dL/dparams per block
+        dW, dV = hidden.new_empty(n, k, H), hidden.new_empty(n, k, p, H)
+        R = hidden.new_zeros(B, H)  # sum of dL/da over the dims after the current block
+        for i in reversed(range(n)):
+            h = hidden[i]
+            torch.bmm(g[i], h, out=dV[i])
+            # dL/da = (dL/dh) h (1 - h), dL/dh = g^T V per dim: [k, B, H]
+            da = torch.ops.aten.sigmoid_backward(torch.einsum("kpb,kph->kbh", g[i], Vb[i]), h)
+            torch.mm(M[i].t(), da.view(k * B, H), out=dW[i]).addmm_(vb[i], R)
+            R += da.sum(0)
+        return None, dW.view(n * k, H)[:D], R.sum(0), dV.view(n * k, p, H)[:D], grad.sum(0), None
 
 
 @register("nade")
@@ -109,8 +108,7 @@ class NADE(AutoregressiveModel):
         return torch.einsum("bnh,nph->bnp", h, self.V[dims]) + self.b[dims]
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
-        chunk = max(1, (1 << 19) // self.W.numel())  # images whose [D, H] states fill <= 2 MB
-        params = NADEParams.apply(self.raster(self.unit(x)), self.W, self.c, self.V, self.b, chunk)
+        params = NADEParams.apply(self.raster(self.unit(x)), self.W, self.c, self.V, self.b, torch.is_grad_enabled())
         return self.unraster(params)  # [B, D, p] -> [B, P, H, W]
 
     def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
