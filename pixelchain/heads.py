@@ -65,12 +65,19 @@ class Bernoulli(PerDimensionHead):
         if num_levels != 2:
             raise ValueError(f"the Bernoulli head models 2 levels, got num_levels={num_levels}")
         super().__init__(2)
+        self.signs: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # [-1, 1] per device and dtype
 
     def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         return -F.binary_cross_entropy_with_logits(params, x.to(params.dtype), reduction="none")
 
     def dim_conditional(self, params: Tensor) -> Tensor:
-        return torch.cat([F.logsigmoid(-params), F.logsigmoid(params)], dim=-1)
+        """[log p(0), log p(1)] = logsigmoid([-logit, logit]): one product with the signs and one
+        logsigmoid (exact: negation is)."""
+        signs = self.signs.get((params.device, params.dtype))
+        if signs is None:
+            signs = self.signs[params.device, params.dtype] = torch.tensor([-1.0, 1.0], dtype=params.dtype,
+                                                                            device=params.device)
+        return F.logsigmoid(params * signs)
 
 
 class Categorical(PerDimensionHead):
@@ -201,14 +208,20 @@ def sample_inverse_cdf(log_probs: Tensor, uniform: Tensor) -> Tensor:
     The result always lies in [0, K): a conditional that is NaN or has no mass (non-finite
     weights) raises ValueError instead.
     """
+    return inverse_cdf(log_probs, uniform.double().clamp(0.0, 1.0 - 2.0**-53).unsqueeze(-1))
+
+
+def inverse_cdf(log_probs: Tensor, u: Tensor) -> Tensor:
+    """``sample_inverse_cdf`` for u [B, 1], float64 in [0, 1) already (decoding's per-step path)."""
     cdf = log_probs.double().exp().cumsum(dim=-1)
-    total = cdf[:, -1:]
-    if not bool(((total > 0) & torch.isfinite(total)).all()):
+    # Entries after the last non-zero probability become exactly 1; a row without mass (its total
+    # 0, inf or NaN) becomes NaN at the top, where searchsorted (NaN compares false) answers K.
+    cdf = cdf / cdf[:, -1:]
+    values = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    if values.numel() and int(values.max()) == log_probs.shape[-1]:  # one check, no op per row
         raise ValueError("a conditional distribution is NaN or has no probability mass: are the model's "
                          "weights finite?")
-    cdf = cdf / total  # entries after the last non-zero probability become exactly 1
-    u = uniform.double().clamp(0.0, 1.0 - 2.0**-53).unsqueeze(-1)
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    return values
 
 
 def argmax_in_window(log_probs: Tensor, centre: Tensor, radius: int) -> Tensor:

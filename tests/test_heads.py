@@ -86,3 +86,22 @@ def test_logistic_mixture_edge_bins_are_open():
     assert torch.isfinite(params.grad).all()
     low = head.log_prob(params.detach(), torch.zeros(1, 1, 1, 1, dtype=torch.long))
     assert low.item() < -100
+
+
+def test_bernoulli_conditional_is_logsigmoid_of_both_signs():
+    logsigmoid = torch.nn.functional.logsigmoid
+    for params in (torch.tensor([[-30.0], [-1.5], [0.0], [2.0], [40.0]]), torch.randn(6, 1, dtype=torch.float64)):
+        expected = torch.cat([logsigmoid(-params), logsigmoid(params)], dim=-1)
+        assert torch.equal(Bernoulli().dim_conditional(params), expected)
+
+
+def test_sample_draws_the_generator_stream_in_order():
+    """Uniforms drawn in blocks are the values a draw per step gives (batch sizes changing, a block
+    running out), so the same seed samples the same values."""
+    from pixelchain.decode import Sample
+
+    sample, g = Sample(torch.Generator().manual_seed(7)), torch.Generator().manual_seed(7)
+    sample.STEPS = 3
+    for n in (4, 4, 5, 1, 9, 4, 30):
+        expected = torch.rand(n, generator=g, dtype=torch.float64)
+        assert torch.equal(sample.next_uniforms(n, torch.device("cpu")).squeeze(1), expected)

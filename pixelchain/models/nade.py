@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..decode import Decoder
+from ..decode import Decoder, DimensionViews
 from ..heads import default_head
 from . import register
 from .base import AutoregressiveModel, check_sizes
@@ -103,10 +103,6 @@ class NADE(AutoregressiveModel):
         self.V = nn.Parameter(torch.randn(D, self.outputs_per_dim, hidden) * 0.01)
         self.b = nn.Parameter(torch.zeros(D, self.outputs_per_dim))
 
-    def outputs(self, h: Tensor, dims: slice | Tensor = slice(None)) -> Tensor:
-        """Parameters of the given dims from their hidden states h [B, n, H] -> [B, n, p]."""
-        return torch.einsum("bnh,nph->bnp", h, self.V[dims]) + self.b[dims]
-
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         params = NADEParams.apply(self.raster(self.unit(x)), self.W, self.c, self.V, self.b, torch.is_grad_enabled())
         return self.unraster(params)  # [B, D, p] -> [B, P, H, W]
@@ -116,15 +112,20 @@ class NADE(AutoregressiveModel):
 
 
 class NADEDecoder(Decoder):
-    """Keeps a = c + W[:, <t] x_<t and adds one column per final dimension."""
+    """Keeps a = c + W[:, <t] x_<t [B, H] and adds one row of W per final dimension: per step a
+    sigmoid and one product for the conditional, one rank-one update for ``final``, on rows of W,
+    V and b split once (a Python list costs no op per step, indexing a tensor does)."""
 
     def __init__(self, model: NADE, x: Tensor, labels: Tensor | None = None) -> None:
         super().__init__(model, x, labels)
         self.a = model.c.expand(x.shape[0], -1).clone()
+        # per dim: W_d [H], b_d [p], V_d^T [H, p]
+        self.W, self.b, self.V = model.W.unbind(0), model.b.unbind(0), model.V.transpose(1, 2).unbind(0)
+        self.inputs = DimensionViews(x)  # the canvas's dims
 
     def conditional(self, step: int, c: int, h: int, w: int) -> Tensor:
-        params = self.model.outputs(torch.sigmoid(self.a).unsqueeze(1), slice(step, step + 1))[:, 0]  # [B, p]
-        return self.model.head.dim_conditional(params)
+        return self.model.head.dim_conditional(torch.addmm(self.b[step], torch.sigmoid(self.a), self.V[step]))
 
     def final(self, step: int, c: int, h: int, w: int) -> None:
-        self.a.addcmul_(self.model.unit(self.x[:, c, h, w]).unsqueeze(1), self.model.W[step])
+        x = self.inputs(c, h, w).unsqueeze(1)  # int64 [B, 1]: unit(x) = x / (K - 1), in ``value``
+        self.a.addcmul_(x, self.W[step], value=1 / (self.model.num_levels - 1))
