@@ -115,8 +115,10 @@ class KeepObserved:
     """Completion: where ``observed`` [B, C, H, W] is True keep ``x``'s value, else use ``fill``."""
 
     def __init__(self, x: Tensor, observed: Tensor, fill: Policy) -> None:
-        self.x, self.observed, self.fill = DimensionViews(x.contiguous()), DimensionViews(observed.contiguous()), fill
-        self.all_observed = observed.all(dim=0).tolist()  # [c][h][w]: True where nothing is drawn
+        with intra_op_threads(1):  # small ops (see runtime.PARALLEL_WORK)
+            self.x, self.observed = DimensionViews(x.contiguous()), DimensionViews(observed.contiguous())
+            self.all_observed = observed.all(dim=0).tolist()  # [c][h][w]: True where nothing is drawn
+        self.fill = fill
 
     def __call__(self, log_probs: Tensor, c: int, h: int, w: int) -> Tensor:
         if self.all_observed[c][h][w]:
@@ -151,9 +153,10 @@ def decode(
     its conditional given the values already decoded. ``naive=True`` runs a full forward pass per
     step (the reference); otherwise the model's cached decoder is used.
     """
-    x = x.clone(memory_format=torch.contiguous_format)
-    canvas, order = DimensionViews(x), model.decoding_order()
+    order = model.decoding_order()
     with intra_op_threads(threads_for(model.op_work(len(x), step=not naive))):
+        x = x.clone(memory_format=torch.contiguous_format)
+        canvas = DimensionViews(x)
         decoder = NaiveDecoder(model, x, labels) if naive else model.decoder(x, labels)
         for step, (c, h, w) in enumerate(tqdm(order, desc="decoding", unit="dim", disable=not progress)):
             canvas(c, h, w).copy_(policy(decoder.conditional(step, c, h, w), c, h, w))

@@ -65,3 +65,6 @@ def test_decoding_runs_small_steps_at_one_thread_and_restores_the_setting(two_th
     assert torch.get_num_threads() == 2
     model.log_prob(torch.zeros(2, 1, 3, 3, dtype=torch.long))
     assert torch.get_num_threads() == 2
+    x = model.sample(2, generator=torch.Generator().manual_seed(0))  # its small ops around decode() too
+    model.complete(x, torch.rand(2, 1, 3, 3, generator=torch.Generator().manual_seed(1)) < 0.5)
+    assert torch.get_num_threads() == 2
