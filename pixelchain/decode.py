@@ -66,11 +66,12 @@ class NaiveDecoder(Decoder):
 
 
 class DimensionViews:
-    """The dimensions of x [B, C, H, W] as views x[:, c, h, w] [B], split once (one op; indexing
-    x costs four ops per step). x must be contiguous; writing a view writes x."""
+    """The dimensions of x [B, C, H, W] as views x[:, c, h, w] [B] ([B, 1] with ``column``), split
+    once (one op; indexing x costs four ops per step). x must be contiguous; writing a view writes x."""
 
-    def __init__(self, x: Tensor) -> None:
-        self.height, self.width, self.views = x.shape[2], x.shape[3], x.view(len(x), -1).unbind(1)
+    def __init__(self, x: Tensor, column: bool = False) -> None:
+        self.height, self.width = x.shape[2], x.shape[3]
+        self.views = x.view(len(x), -1, *([1] if column else [])).unbind(1)
 
     def __call__(self, c: int, h: int, w: int) -> Tensor:
         return self.views[(c * self.height + h) * self.width + w]

@@ -123,11 +123,13 @@ class NADEDecoder(Decoder):
         self.a = model.c.expand(x.shape[0], -1).clone()
         # per dim: W_d [H], b_d [p], V_d^T [H, p]
         self.W, self.b, self.V = model.W.unbind(0), model.b.unbind(0), model.V.transpose(1, 2).unbind(0)
-        self.inputs = DimensionViews(x)  # the canvas's dims
+        self.h = torch.empty_like(self.a)  # sigmoid(a), written in place each step
+        self.inputs = DimensionViews(x, column=True)  # the canvas's dims, int64 [B, 1]
 
     def conditional(self, step: int, c: int, h: int, w: int) -> Tensor:
-        return self.model.head.dim_conditional(torch.addmm(self.b[step], torch.sigmoid(self.a), self.V[step]))
+        hidden = torch.sigmoid(self.a, out=self.h)
+        return self.model.head.dim_conditional(torch.addmm(self.b[step], hidden, self.V[step]))
 
     def final(self, step: int, c: int, h: int, w: int) -> None:
-        x = self.inputs(c, h, w).unsqueeze(1)  # int64 [B, 1]: unit(x) = x / (K - 1), in ``value``
-        self.a.addcmul_(x, self.W[step], value=1 / (self.model.num_levels - 1))
+        # a += unit(x) W_d, unit(x) = x / (K - 1) folded into ``value``
+        self.a.addcmul_(self.inputs(c, h, w), self.W[step], value=1 / (self.model.num_levels - 1))
