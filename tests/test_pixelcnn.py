@@ -40,12 +40,13 @@ def test_receptive_field(name):
 
 @pytest.mark.parametrize("groups", [1, 3])
 def test_pointwise_convolutions_as_matrix_products_equal_conv2d(groups):
-    """1x1 CausalConv2d layers run as one batched matrix product on the CPU: same values, same gradients."""
+    """A 1x1 CausalConv2d on one pixel per image (cached decoding) runs as one matrix product: same
+    values, same gradients as the convolution."""
     from pixelchain.layers import pointwise_conv
 
     torch.manual_seed(0)
     conv = pointwise_conv(6, 9, groups).double()
-    x = torch.randn(4, 6, 5, 7, dtype=torch.float64).transpose(2, 3).requires_grad_()  # not contiguous
+    x = torch.randn(6, 4, 1, 1, dtype=torch.float64).transpose(0, 1).requires_grad_()  # not contiguous
     y = conv(x)
     reference = torch.nn.functional.conv2d(x, conv.masked_weight(), conv.bias)
     torch.testing.assert_close(y, reference)
@@ -64,3 +65,26 @@ def test_dropout_only_in_training():
     x = torch.randint(0, 2, (4, 1, 6, 5))
     torch.testing.assert_close(dropped.log_prob(x), plain.log_prob(x), rtol=0, atol=0)
     assert not torch.equal(dropped.train()(x), plain(x))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_gated_forward_runs_the_vertical_stack_a_row_down(channels):
+    """The teacher-forced pass computes the vertical stack already shifted down a row (and never its
+    last row); the cached decoder computes it unshifted, row by row, and shifts it. Both give the
+    same parameters and gradients, with class conditioning too."""
+    from pixelchain.models.pixelcnn import down_shift
+
+    torch.manual_seed(0)
+    model = build("gated_pixelcnn", (channels, 5, 6), channels=6, num_layers=2, num_classes=3).double()
+    x = torch.randint(0, 2, (4, channels, 5, 6))
+    labels = torch.tensor([0, 2, 1, 2])
+    image = model.image(x)
+    reference = model.horizontal_stack(
+        image, [down_shift(pre) for pre in model.vertical_stack(image, labels)], labels)
+    got = model(x, labels)
+    torch.testing.assert_close(got, reference)
+    g = torch.randn_like(got)
+    params = list(model.parameters())  # the last layer's residual is unused: its gradients are None
+    for a, b in zip(torch.autograd.grad(got, params, g, allow_unused=True),
+                    torch.autograd.grad(reference, params, g, allow_unused=True), strict=True):
+        torch.testing.assert_close(a, b)

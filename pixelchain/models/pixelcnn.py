@@ -42,8 +42,8 @@ class ResidualBlock(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: Tensor, run: Run = DIRECT) -> Tensor:
-        h = run(self.conv, F.relu(self.reduce(F.relu(x))))
-        return x + self.expand(F.dropout(F.relu(h), self.dropout, self.training))
+        h = run(self.conv, F.relu_(self.reduce(F.relu(x))))
+        return self.expand(F.dropout(F.relu(h), self.dropout, self.training)).add_(x)
 
 
 @register("pixelcnn")
@@ -72,8 +72,8 @@ class PixelCNN(AutoregressiveModel):
         self.input_conv = pixelcnn_conv(C, 2 * channels, input_kernel_size, "A", C)
         self.blocks = nn.ModuleList(ResidualBlock(channels, kernel_size, C, dropout) for _ in range(num_blocks))
         self.head_layers = nn.Sequential(
-            nn.ReLU(), pointwise_conv(2 * channels, head_channels, C),
-            nn.ReLU(), pointwise_conv(head_channels, self.param_channels, C),
+            nn.ReLU(inplace=True), pointwise_conv(2 * channels, head_channels, C),
+            nn.ReLU(inplace=True), pointwise_conv(head_channels, self.param_channels, C),
         )
 
     def network(self, image: Tensor, run: Run = DIRECT) -> Tensor:
@@ -84,7 +84,9 @@ class PixelCNN(AutoregressiveModel):
         return self.head_layers(h)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
-        return self.network(self.image(x))
+        # Channels last (also for C = 1, whose strides decide the convolutions' output layout):
+        # every convolution after it runs on and returns that layout, oneDNN's fastest here.
+        return self.network(self.image(x).to(memory_format=torch.channels_last))
 
     def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
         return ConvDecoder(self, x, labels, [self.input_conv])
@@ -129,21 +131,30 @@ class GatedLayer(nn.Module):
         self.residual = None if first else pointwise_conv(channels, channels, groups)
         self.class_bias = None if num_classes is None else nn.Embedding(num_classes, 4 * channels)
 
-    def vertical(self, v: Tensor, labels: Tensor | None, run: Run = DIRECT) -> tuple[Tensor, Tensor]:
-        """Vertical input [B, Cin, H, W] -> (pre-activation [B, 2h, H, W], output [B, h, H, W])."""
+    def vertical(self, v: Tensor, labels: Tensor | None, run: Run = DIRECT,
+                 shifted: bool = False) -> tuple[Tensor, Tensor]:
+        """Vertical input [B, Cin, H, W] -> (pre-activation [B, 2h, H, W], output [B, h, H, W]).
+
+        ``shifted``: v is the input moved down a row (``down_shift``), and so are the results: row i
+        is computed from v's rows up to i, row 0 set to zero (as down_shift leaves it). The vertical
+        stack then runs a row down at no cost, and its last row, which no pixel reads, is never
+        computed.
+        """
         pre = run(self.vertical_conv, v)
         if self.class_bias is not None:
             pre = pre + self.class_bias(labels)[:, : pre.shape[1], None, None]
+        if shifted:
+            pre[:, :, 0] = 0  # gate(0) = 0: the output's row 0 is zero too
         return pre, gate(pre)
 
     def horizontal(self, h: Tensor, shifted_vertical: Tensor, labels: Tensor | None,
                    run: Run = DIRECT) -> tuple[Tensor, Tensor]:
         """Horizontal input and the down-shifted vertical pre-activation -> (output, skip)."""
-        pre = run(self.horizontal_conv, h) + self.link(shifted_vertical)
+        pre = self.link(shifted_vertical).add_(run(self.horizontal_conv, h))
         if self.class_bias is not None:
             pre = pre + self.class_bias(labels)[:, pre.shape[1] :, None, None]
         g = gate(pre)
-        return (g if self.residual is None else h + self.residual(g)), self.skip(g)
+        return (g if self.residual is None else self.residual(g).add_(h)), self.skip(g)
 
 
 @register("gated_pixelcnn")
@@ -171,8 +182,8 @@ class GatedPixelCNN(AutoregressiveModel):
             + [GatedLayer(channels, channels, kernel_size, C, False, num_classes) for _ in range(num_layers)]
         )
         self.head_layers = nn.Sequential(
-            nn.ReLU(), pointwise_conv(channels, head_channels, C),
-            nn.ReLU(), pointwise_conv(head_channels, self.param_channels, C),
+            nn.ReLU(inplace=True), pointwise_conv(channels, head_channels, C),
+            nn.ReLU(inplace=True), pointwise_conv(head_channels, self.param_channels, C),
         )
 
     def vertical_stack(self, image: Tensor, labels: Tensor | None, run: Run = DIRECT) -> list[Tensor]:
@@ -193,9 +204,13 @@ class GatedPixelCNN(AutoregressiveModel):
         return self.head_layers(skips)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
-        image = self.image(x)
-        shifted = [down_shift(pre) for pre in self.vertical_stack(image, labels)]
-        return self.horizontal_stack(image, shifted, labels)
+        image = self.image(x).to(memory_format=torch.channels_last)  # see PixelCNN.forward
+        v, h, skips = down_shift(image), image, None  # the vertical stack a row down: see vertical
+        for layer in self.layers:
+            shifted, v = layer.vertical(v, labels, shifted=True)
+            h, skip = layer.horizontal(h, shifted, labels)
+            skips = skip if skips is None else skips.add_(skip)
+        return self.head_layers(skips)
 
     def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
         return ConvDecoder(self, x, labels, [self.layers[0].horizontal_conv])
