@@ -8,9 +8,11 @@ Train = forward + backward + Adam step on a batch of 128 binary 28x28 images, as
 With ``--peer`` the peer's model of the same architecture (``benchmarks.peer``) is timed in the
 same process, interleaved with ours round by round (same batch, process thread setting, allocator),
 with its own loss; the ratios are of medians over ``--rounds``. Peak memory of a training step is
-the growth of the process's peak RSS over one step, ours then the peer's (a first step's, so
-allocator reuse does not hide it). Convolutional and attention models are also timed through
-``torch.compile`` (``--modes compiled``). Writes BENCHMARKS.md's "throughput" section.
+the growth of a process's peak RSS over its first step (weights' gradients and Adam's state
+included), ours and the peer's each in a fresh process: in one process, memory that an earlier
+step freed and the allocator kept would hide the later one's. Convolutional and attention models
+are also timed through ``torch.compile`` (``--modes compiled``). Writes BENCHMARKS.md's
+"throughput" section.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import subprocess
+import sys
 
 import torch
 
@@ -56,6 +60,14 @@ def peak_growth_mb(step) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 
 
+def first_step_memory_mb(side: str, name: str, threads: int, args: argparse.Namespace) -> float:
+    """Peak memory growth (MB) of ``side``'s ("ours" or "peer") first training step of ``name``,
+    measured in a fresh process (``--memory-of``)."""
+    command = [sys.executable, "-m", "benchmarks.throughput", "--memory-of", side, "--models", name,
+               "--batch", str(args.batch), "--threads", str(threads)] + (["--peer", args.peer] if args.peer else [])
+    return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer", help="a checkout of EugenHotaj/pytorch-generative (outside this repo)")
@@ -67,10 +79,12 @@ def main() -> None:
                         help="process thread settings, each a set of rows")
     parser.add_argument("--models", nargs="+", default=list(LABELS), choices=list(LABELS))
     parser.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"])
+    # first_step_memory_mb's child: print the peak memory growth of one training step (--models' first)
+    parser.add_argument("--memory-of", choices=["ours", "peer"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     runtime.configure_allocator()
     peer_models = peer.import_peer(args.peer) if args.peer else None
-    before = matmul_gflops()
+    before = 0.0 if args.memory_of else matmul_gflops()
 
     lines = ["| architecture | threads | mode | ours: parameters (used) | ours train img/s | peer train img/s | ratio "
              "| ours eval img/s | peer eval img/s | ratio | train-step peak memory growth, ours / peer (MB) |",
@@ -111,11 +125,14 @@ def main() -> None:
                 with torch.no_grad():
                     peer.loss(theirs, xf)  # noqa: B023
 
+            if args.memory_of:
+                model.train()
+                print(peak_growth_mb(train_step if args.memory_of == "ours" else peer_train))
+                return
             memory = ""
             if mode == "eager":
-                model.train()
-                ours_mb = peak_growth_mb(train_step)
-                theirs_mb = peak_growth_mb(peer_train) if theirs else float("nan")
+                ours_mb = first_step_memory_mb("ours", name, process_threads, args)
+                theirs_mb = first_step_memory_mb("peer", name, process_threads, args) if theirs else float("nan")
                 memory = f"{ours_mb:,.0f} / {theirs_mb:,.0f}"
             times = {k: [] for k in ("train", "peer_train", "eval", "peer_eval")}
             steps = 1 if name in ("gated_pixelcnn", "transformer") else args.steps

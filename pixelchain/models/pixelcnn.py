@@ -97,9 +97,36 @@ class PixelCNN(AutoregressiveModel):
 
 # --------------------------------------------------------------------------- Gated PixelCNN
 def gate(x: Tensor) -> Tensor:
-    """tanh(a) * sigmoid(b) for x = [a, b] split in half along channels."""
-    a, b = x.chunk(2, dim=1)
-    return torch.tanh(a) * torch.sigmoid(b)
+    """tanh(a) * sigmoid(b) for x = [a, b] [B, 2h, H, W] split in half along channels -> [B, h, H, W]."""
+    return Gate.apply(x)
+
+
+class Gate(torch.autograd.Function):
+    """The gated unit with tanh(a) = 2 sigmoid(2a) - 1 (torch.tanh took 9x sigmoid's time on the CPU
+    here) and a backward of four elementwise passes written straight into the halves of one
+    gradient (autograd's took six and a concatenation). Saves tanh(a) and sigmoid(b)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        a, b = x.chunk(2, dim=1)
+        t = torch.sigmoid_(a * 2).mul_(2).sub_(1)
+        s = torch.sigmoid(b)
+        ctx.save_for_backward(t, s)
+        ctx.layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else (
+            torch.contiguous_format)
+        return t * s
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        t, s = ctx.saved_tensors
+        B, h, H, W = t.shape
+        out = torch.empty(B, 2 * h, H, W, dtype=t.dtype, device=t.device, memory_format=ctx.layout)
+        grad_a, grad_b = out.chunk(2, dim=1)
+        gs = grad * s
+        gst = gs * t
+        torch.addcmul(gs, gst, t, value=-1, out=grad_a)  # g s (1 - t^2)
+        torch.addcmul(gst, gst, s, value=-1, out=grad_b)  # g t s (1 - s)
+        return out
 
 
 def down_shift(x: Tensor) -> Tensor:
