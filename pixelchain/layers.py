@@ -172,6 +172,14 @@ class CausalConv2d(nn.Conv2d):
         if self.pointwise:
             return pointwise(x, self.masked_weight(), self.bias)
         top, bottom, left, right = self.causal_padding
+        if 0 <= bottom <= top and 0 <= right <= left:
+            # Pad symmetrically inside the convolution (no padded copy of x) and keep the leading
+            # rows and columns: extra padding at the bottom / right only adds outputs at the end.
+            out = F.conv2d(x, self.masked_weight(), self.bias, self.stride, padding=(top, left))
+            s, (kh, kw) = self.stride[0], self.kernel_size
+            rows = (x.shape[2] + top + bottom - kh) // s + 1
+            cols = (x.shape[3] + left + right - kw) // s + 1
+            return out[:, :, :rows, :cols]
         return F.conv2d(F.pad(x, (left, right, top, bottom)), self.masked_weight(), self.bias, self.stride)
 
 

@@ -154,7 +154,7 @@ class PixelCNNPP(AutoregressiveModel):
         return self.out(F.elu(ul))
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
-        image = self.image(x).to(memory_format=torch.channels_last)  # see PixelCNN.forward
+        image = self.image(x)
         return self.ul_stream(image, self.u_stream(image))
 
     def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
