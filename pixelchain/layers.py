@@ -142,7 +142,10 @@ class CausalConv2d(nn.Conv2d):
 
     Output (i, j) reads padded input rows s*i .. s*i + kh - 1 and columns s*j .. s*j + kw - 1
     (stride s); a negative padding crops. ``scale`` is the resolution level of the input
-    (0: full size, 1: halved, ...).
+    (0: full size, 1: halved, ...). ``exact_output``: pad a copy of x, so that the output is a whole
+    tensor of its size, rather than pad inside the convolution and return a slice of a larger
+    output (no copy of x); for an output modified in place or read by further convolutions, which
+    would copy the slice (forward and backward).
     """
 
     def __init__(
@@ -155,12 +158,13 @@ class CausalConv2d(nn.Conv2d):
         stride: int = 1,
         scale: int = 0,
         bias: bool = True,
+        exact_output: bool = False,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
         if stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {stride}")
         self.causal_padding = tuple(padding)
-        self.scale = scale
+        self.scale, self.exact_output = scale, exact_output
         self.register_buffer("mask", mask, persistent=False)  # derived from the arguments, not saved
         # a 1 x 1 convolution: its output at a place depends on its input there only
         self.pointwise = self.kernel_size == (1, 1) and stride == 1 and not any(self.causal_padding)
@@ -172,7 +176,7 @@ class CausalConv2d(nn.Conv2d):
         if self.pointwise:
             return pointwise(x, self.masked_weight(), self.bias)
         top, bottom, left, right = self.causal_padding
-        if 0 <= bottom <= top and 0 <= right <= left:
+        if 0 <= bottom <= top and 0 <= right <= left and not self.exact_output:
             # Pad symmetrically inside the convolution (no padded copy of x) and keep the leading
             # rows and columns: extra padding at the bottom / right only adds outputs at the end.
             out = F.conv2d(x, self.masked_weight(), self.bias, self.stride, padding=(top, left))

@@ -147,13 +147,15 @@ class GatedLayer(nn.Module):
         super().__init__()
         k, r = kernel_size, kernel_size // 2
         self.first = first
-        self.vertical_conv = CausalConv2d(in_channels, 2 * channels, (r + 1, k), (r, 0, r, r))
+        # exact outputs: the vertical pre-activation is zeroed in place and read by the link
+        self.vertical_conv = CausalConv2d(in_channels, 2 * channels, (r + 1, k), (r, 0, r, r), exact_output=True)
         self.link = CausalConv2d(2 * channels, 2 * channels, (1, 1))
         # Horizontal kernel: pixels left of the current one, and the current one by channel group;
         # gate halves laid out chunk-major, each following the hidden channels' groups.
         mask = torch.ones(2 * channels, in_channels, 1, r + 1)
         mask[:, :, 0, r] = channel_group_mask(in_channels, channels, groups, "A" if first else "B").repeat(2, 1)
-        self.horizontal_conv = CausalConv2d(in_channels, 2 * channels, (1, r + 1), (0, 0, r, 0), mask)
+        self.horizontal_conv = CausalConv2d(in_channels, 2 * channels, (1, r + 1), (0, 0, r, 0), mask,
+                                            exact_output=True)
         self.skip = pointwise_conv(channels, channels, groups)
         self.residual = None if first else pointwise_conv(channels, channels, groups)
         self.class_bias = None if num_classes is None else nn.Embedding(num_classes, 4 * channels)
