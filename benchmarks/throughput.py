@@ -138,16 +138,15 @@ def main() -> None:
             steps = 1 if name in ("gated_pixelcnn", "transformer") else args.steps
             for r in range(args.rounds):
                 warm = 1 if r == 0 else 0
-                model.train()
-                times["train"].append(median_time(train_step, steps, warmup=warm))
-                if theirs:
-                    theirs.train()
-                    times["peer_train"].append(median_time(peer_train, steps, warmup=warm))
-                model.eval()
-                times["eval"].append(median_time(eval_step, steps, warmup=warm))
-                if theirs:
-                    theirs.eval()
-                    times["peer_eval"].append(median_time(peer_eval, steps, warmup=warm))
+                # which side goes first alternates: a step that follows a lighter one (an evaluation)
+                # pays for the pages the allocator gave back in between
+                sides = [("train", model, train_step), ("peer_train", theirs, peer_train)]
+                sides += [("eval", model, eval_step), ("peer_eval", theirs, peer_eval)]
+                for i in ((0, 1, 2, 3) if r % 2 == 0 else (1, 0, 3, 2)):
+                    key, module, step = sides[i]
+                    if module is not None:
+                        module.train(key.endswith("train"))
+                        times[key].append(median_time(step, steps, warmup=warm))
             rate = {k: args.batch / statistics.median(v) if v else float("nan") for k, v in times.items()}
             lines.append(
                 f"| {LABELS[name]} | {process_threads} | {mode} | {params:,} ({effective_parameters(model):,}) "
