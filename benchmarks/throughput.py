@@ -2,8 +2,8 @@
 
     python -m benchmarks.throughput --peer /path/to/pytorch-generative
 
-Train = forward + backward + Adam step on a batch of 128 binary 28x28 images, as ``pc.fit`` does it
-(with the intra-op threads ``fit`` chooses under the process setting, ``--threads``); eval =
+Train = forward + backward + Adam step on a batch of binary 28x28 images (128; the Transformer 32), as
+``pc.fit`` does it (with the intra-op threads ``fit`` chooses under the process setting, ``--threads``); eval =
 ``log_prob`` of the batch without gradients.
 With ``--peer`` the peer's model of the same architecture (``benchmarks.peer``) is timed in the
 same process, interleaved with ours round by round (same batch, process thread setting, allocator),
@@ -53,6 +53,11 @@ def effective_parameters(model: torch.nn.Module) -> int:
     return total
 
 
+# The peer's ImageGPT keeps [B, heads, 784, 784] attention maps: ~15-21 GB at 128 images, more than
+# this machine can spare beside other jobs.
+DEFAULT_BATCH = {"transformer": 32}
+
+
 def peak_growth_mb(step) -> float:
     """Growth of the process's peak resident memory (MB) over one call of ``step``."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -60,18 +65,19 @@ def peak_growth_mb(step) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 
 
-def first_step_memory_mb(side: str, name: str, threads: int, args: argparse.Namespace) -> float:
-    """Peak memory growth (MB) of ``side``'s ("ours" or "peer") first training step of ``name``,
-    measured in a fresh process (``--memory-of``)."""
+def first_step_memory_mb(side: str, name: str, batch: int, threads: int, args: argparse.Namespace) -> float:
+    """Peak memory growth (MB) of ``side``'s ("ours" or "peer") first training step of ``name`` at
+    ``batch``, measured in a fresh process (``--memory-of``)."""
     command = [sys.executable, "-m", "benchmarks.throughput", "--memory-of", side, "--models", name,
-               "--batch", str(args.batch), "--threads", str(threads)] + (["--peer", args.peer] if args.peer else [])
+               "--batch", str(batch), "--threads", str(threads)] + (["--peer", args.peer] if args.peer else [])
     return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer", help="a checkout of EugenHotaj/pytorch-generative (outside this repo)")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, help="images per step (default: 128; 32 for the Transformer, "
+                        "whose peer ImageGPT would need ~15-21 GB at 128)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round and side (1 for the "
                         "Gated PixelCNN and the Transformer, whose peer steps take tens of seconds)")
@@ -86,12 +92,13 @@ def main() -> None:
     peer_models = peer.import_peer(args.peer) if args.peer else None
     before = 0.0 if args.memory_of else matmul_gflops()
 
-    lines = ["| architecture | threads | mode | ours: parameters (used) | ours train img/s | peer train img/s | ratio "
-             "| ours eval img/s | peer eval img/s | ratio | train-step peak memory growth, ours / peer (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    x = torch.randint(0, 2, (args.batch, 1, 28, 28), generator=torch.Generator().manual_seed(0))
-    xf = x.float()
+    lines = ["| architecture | batch | threads | mode | ours: parameters (used) | ours train img/s | peer train img/s "
+             "| ratio | ours eval img/s | peer eval img/s | ratio | train-step peak memory growth, ours / peer (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, process_threads in [(n, t) for t in args.threads for n in args.models]:
+        batch = args.batch or DEFAULT_BATCH.get(name, 128)
+        x = torch.randint(0, 2, (batch, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+        xf = x.float()
         torch.set_num_threads(process_threads)
         hparams = peer.MODELS[name][0]
         torch.manual_seed(0)
@@ -99,7 +106,7 @@ def main() -> None:
         optimizer = adam(model, lr=1e-4)
         theirs = peer.build(peer_models, name) if peer_models else None
         their_optimizer = torch.optim.Adam(theirs.parameters(), lr=1e-4) if theirs else None
-        threads = threads_for(model.op_work(args.batch))  # what pc.fit runs the model with
+        threads = threads_for(model.op_work(batch))  # what pc.fit runs the model with
         params = sum(p.numel() for p in model.parameters())
         for mode in [m for m in args.modes if m == "eager" or name in COMPILED]:
             net = torch.compile(model) if mode == "compiled" else model
@@ -131,8 +138,8 @@ def main() -> None:
                 return
             memory = ""
             if mode == "eager":
-                ours_mb = first_step_memory_mb("ours", name, process_threads, args)
-                theirs_mb = first_step_memory_mb("peer", name, process_threads, args) if theirs else float("nan")
+                ours_mb = first_step_memory_mb("ours", name, batch, process_threads, args)
+                theirs_mb = first_step_memory_mb("peer", name, batch, process_threads, args) if theirs else float("nan")
                 memory = f"{ours_mb:,.0f} / {theirs_mb:,.0f}"
             times = {k: [] for k in ("train", "peer_train", "eval", "peer_eval")}
             steps = 1 if name in ("gated_pixelcnn", "transformer") else args.steps
@@ -147,10 +154,10 @@ def main() -> None:
                     if module is not None:
                         module.train(key.endswith("train"))
                         times[key].append(median_time(step, steps, warmup=warm))
-            rate = {k: args.batch / statistics.median(v) if v else float("nan") for k, v in times.items()}
+            rate = {k: batch / statistics.median(v) if v else float("nan") for k, v in times.items()}
             lines.append(
-                f"| {LABELS[name]} | {process_threads} | {mode} | {params:,} ({effective_parameters(model):,}) "
-                f"| {rate['train']:,.1f} "
+                f"| {LABELS[name]} | {batch} | {process_threads} | {mode} "
+                f"| {params:,} ({effective_parameters(model):,}) | {rate['train']:,.1f} "
                 f"| {rate['peer_train']:,.1f} | {rate['train'] / rate['peer_train']:.2f}× | {rate['eval']:,.1f} "
                 f"| {rate['peer_eval']:,.1f} | {rate['eval'] / rate['peer_eval']:.2f}× | {memory} |")
             print(lines[-1], flush=True)
@@ -159,7 +166,7 @@ def write(args: argparse.Namespace, before: float, lines: list[str]) -> None:
     measured = f"pytorch-generative at commit {peer.commit(args.peer)}" if args.peer else "no peer (--peer not given)"
     write_section("throughput", f"Machine: {machine()}; shared with other jobs while measured, so only the "
                   f"ratios (ours and the peer's interleaved in one process) carry over. Peer: {measured}, "
-                  f"its architectures and loss as its reproduce() functions. Batch {args.batch}, median of "
+                  f"its architectures and loss as its reproduce() functions. Median of "
                   f"{args.rounds} rounds of {args.steps} steps (1 for the two largest) after warm-up. Reference "
                   f"matmul (`benchmarks.common.matmul_gflops`) before the rows: {before:.0f} GFLOP/s, after the "
                   f"last row: {matmul_gflops():.0f}.\n\n" + "\n".join(lines))
