@@ -175,72 +175,148 @@ class Cursor:
 
 
 class ConvCache:
-    """Keeps a causal convolution's (padded) input and computes its output at the cursor only.
+    """Keeps a causal convolution's input and computes its output at the cursor only.
 
-    A call with a pixel [B, Cin, 1, 1] (cursor (i, j)) or a row [B, Cin, 1, W] (cursor (i, None))
-    stores it at that place and returns the layer's output there, [B, Cout, 1, 1] or
-    [B, Cout, 1, W]: the work of one output position (or row) instead of the whole image.
     The cursor is in full-resolution coordinates; a layer at level s reads it as (i >> s, j >> s),
     and a stride-2 layer writes at its input's level and computes at the next one.
+
+    :meth:`pixel` (cursor (i, j)) takes the input at the cursor, [B, Cin], and returns the output
+    there, [B, Cout]. It keeps a *window* per image, channels last, [B, columns, R, Cin]: for each
+    padded input column the R padded input rows from the first one that the output row under the
+    cursor reads (the kh it reads, and any written ahead for later output rows). When R = kh (a
+    stride-1 layer whose kernel ends at the cursor's row) the kw columns an output reads are
+    kw * kh * Cin consecutive values, and the output is one matrix product with the weight laid
+    out as [kw * kh * Cin, Cout], the buffer read in place (the weight's trailing all-zero rows,
+    masked taps, are left out). Otherwise those values are gathered first. When the output row
+    changes the kept rows move up by the stride (one copy per row) and the rows that come in are
+    zero until written: unwritten inputs read as zero padding, as they would in the full pass.
+
+    :meth:`row` (cursor (i, None)) takes a whole input row [B, Cin, 1, W] and returns the output
+    row [B, Cout, 1, W'] by a convolution over the kept padded rows [B, rows, columns, Cin].
+
+    A layer runs pixel by pixel or row by row, not both. ``__call__`` runs either on 4-d tensors
+    ([B, C, 1, 1] at a pixel).
     """
 
     def __init__(self, conv: CausalConv2d, cursor: Cursor, batch: int, height: int, width: int) -> None:
         top, bottom, left, right = conv.causal_padding
-        self.cursor = cursor
-        self.top, self.left, self.stride = top, left, conv.stride[0]
-        self.in_level, self.out_level = conv.scale, conv.scale + (self.stride == 2)
-        self.kh, self.kw = conv.kernel_size
+        if top < 0 or left < 0:
+            raise ValueError(f"a cached causal convolution needs top and left padding >= 0, got {conv.causal_padding}")
+        self.conv, self.cursor, self.batch = conv, cursor, batch
+        self.top, self.bottom, self.left, self.right = top, bottom, left, right
+        self.stride = s = conv.stride[0]
+        self.in_level, self.out_level = conv.scale, conv.scale + (s == 2)
+        self.kh, self.kw = kh, kw = conv.kernel_size
         weight = conv.masked_weight().detach()
         self.weight = weight
-        # one [kw*Cin, Cout] matrix per kernel row, matching a buffer row's run of kw pixels
-        self.matrices = weight.permute(2, 3, 1, 0).reshape(self.kh, -1, weight.shape[0]).unbind(0)
         self.bias = weight.new_zeros(conv.out_channels) if conv.bias is None else conv.bias.detach()
-        rows, cols = -(-height >> conv.scale), -(-width >> conv.scale)  # ceil(size / 2^scale)
-        self.width = cols
-        # Channels last, [B, rows, cols, Cin]: a window is kh*kw runs of Cin contiguous values.
-        self.buffer = weight.new_zeros(batch, rows + top + bottom, cols + left + right, conv.in_channels)
+        self.height, self.width = -(-height >> conv.scale), -(-width >> conv.scale)  # ceil(size / 2^scale)
+        self.rows: Tensor | None = None  # the row-by-row buffer, made by the first row() call
+        # Pixel by pixel. Input row r is written while the output row is r >> (s - 1), at slot
+        # r + top - s * (r >> (s - 1)) <= top + s - 1.
+        cin = conv.in_channels
+        self.slots = R = max(kh, top + s)
+        columns = left + self.width + max(right, 0)  # room for every input column, cropped or not
+        self.buffer = weight.new_zeros(batch, columns, R, cin)
+        self.cells = [[self.buffer[:, c, a] for c in range(columns)] for a in range(R)]  # [B, Cin] views
+        matrix = weight.permute(3, 2, 1, 0).reshape(kw * kh * cin, -1)  # [kw, kh, Cin] -> Cout
+        outputs = range((self.width + left + right - kw) // s + 1)
+        self.contiguous = R == kh
+        if self.contiguous:
+            length = int(matrix.ne(0).any(1).nonzero().max()) + 1 if bool(matrix.ne(0).any()) else 0
+            flat = self.buffer.view(batch, -1)
+            self.windows = [flat[:, s * c * R * cin : s * c * R * cin + length] for c in outputs]
+            matrix = matrix[:length]
+        else:
+            self.windows = [self.buffer[:, s * c : s * c + kw, :kh] for c in outputs]
+        self.matrix = matrix.contiguous()
+        self.row_index = 0  # the output row the window is at
+
+    def advance(self, r_out: int) -> None:
+        """Move the window to output row ``r_out`` (later than the current one)."""
+        shift = self.stride * (r_out - self.row_index)
+        if shift < 0:
+            raise ValueError(f"cached decoding visits rows in order: row {r_out} after row {self.row_index}")
+        keep = self.slots - shift
+        if keep > 0:
+            self.buffer[:, :, :keep] = self.buffer[:, :, shift:].clone()
+        self.buffer[:, :, max(keep, 0) :] = 0
+        self.row_index = r_out
+
+    def pixel(self, x: Tensor) -> Tensor:
+        """Store the input at the cursor, x [B, Cin]; return the output there, [B, Cout]."""
+        i, j = self.cursor.i, self.cursor.j
+        r_out = i >> self.out_level
+        if r_out != self.row_index:
+            self.advance(r_out)
+        self.cells[(i >> self.in_level) + self.top - self.stride * r_out][(j >> self.in_level) + self.left].copy_(x)
+        window = self.windows[j >> self.out_level]
+        return torch.addmm(self.bias, window if self.contiguous else window.reshape(self.batch, -1), self.matrix)
+
+    def row(self, x: Tensor) -> Tensor:
+        """Store a whole input row x [B, Cin, 1, W] at the cursor's row; return the output row there."""
+        s, r_in, r_out = self.stride, self.cursor.i >> self.in_level, self.cursor.i >> self.out_level
+        if self.rows is None:
+            self.rows = self.weight.new_zeros(self.batch, self.height + self.top + self.bottom,
+                                              self.width + self.left + self.right, self.conv.in_channels)
+        if r_in + self.top < self.rows.shape[1]:  # not cropped
+            self.rows[:, r_in + self.top, self.left : self.left + self.width] = x[:, :, 0].transpose(1, 2)
+        window = self.rows[:, s * r_out : s * r_out + self.kh].permute(0, 3, 1, 2)
+        return F.conv2d(window, self.weight, self.bias, s)
 
     def store(self, i: int, j: int, value: Tensor) -> None:
-        """Overwrite the kept input at (i, j) (input level) with ``value`` [B, Cin]."""
-        if i + self.top < self.buffer.shape[1] and j + self.left < self.buffer.shape[2]:  # not cropped
-            self.buffer[:, i + self.top, j + self.left] = value
+        """Overwrite the kept input at (i, j) (input level, i in the cursor's row) with ``value`` [B, Cin]."""
+        slot = i + self.top - self.stride * self.row_index
+        if 0 <= slot < self.slots:
+            self.cells[slot][j + self.left].copy_(value)
+        if self.rows is not None and i + self.top < self.rows.shape[1] and j + self.left < self.rows.shape[2]:
+            self.rows[:, i + self.top, j + self.left] = value
 
     def __call__(self, x: Tensor) -> Tensor:
-        i, j, s = self.cursor.i, self.cursor.j, self.stride
-        r_in, r_out = i >> self.in_level, i >> self.out_level
-        if j is None:  # a whole row
-            if r_in + self.top < self.buffer.shape[1]:
-                self.buffer[:, r_in + self.top, self.left : self.left + self.width] = x[:, :, 0].transpose(1, 2)
-            rows = self.buffer[:, s * r_out : s * r_out + self.kh].permute(0, 3, 1, 2)
-            return F.conv2d(rows, self.weight, self.bias, s)
-        c_in, c_out = j >> self.in_level, j >> self.out_level
-        self.store(r_in, c_in, x[:, :, 0, 0])
-        # Kernel row a reads kw pixels of buffer row s*r_out + a: a [B, kw*Cin] view (no copy).
-        rows = self.buffer[:, s * r_out : s * r_out + self.kh, s * c_out : s * c_out + self.kw].flatten(2)
-        out = torch.addmm(self.bias, rows[:, 0], self.matrices[0])
-        for a in range(1, self.kh):
-            out.addmm_(rows[:, a], self.matrices[a])
-        return out.view(x.shape[0], -1, 1, 1)
+        """:meth:`row` when the cursor is at a row, else :meth:`pixel` on x [B, Cin, 1, 1] -> [B, Cout, 1, 1]."""
+        if self.cursor.j is None:
+            return self.row(x)
+        return self.pixel(x[:, :, 0, 0]).view(len(x), -1, 1, 1)
 
 
 class UpsampleCache:
-    """A :class:`CausalConvTranspose2d` at the cursor: a whole output row from the coarse row above
-    it, or one output pixel from the coarse pixel whose single tap reaches it."""
+    """A :class:`CausalConvTranspose2d` at the cursor: a whole output row [B, Cout, 1, W] from the
+    coarse row above it, or one output pixel [B, Cout] from the coarse pixel [B, Cin] whose single
+    tap reaches it (a 2 x 2 kernel without crop: one matrix product)."""
 
     def __init__(self, up: CausalConvTranspose2d, cursor: Cursor) -> None:
         self.up, self.cursor = up, cursor
+        weight = up.weight.detach()  # [Cin, Cout, kh, kw]
+        self.bias = weight.new_zeros(weight.shape[1]) if up.bias is None else up.bias.detach()
+        self.taps = None
+        if up.kernel_size == (2, 2) and not up.crop_left:
+            self.taps = [[weight[:, :, a, b].contiguous() for b in range(2)] for a in range(2)]
 
-    def __call__(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        up, i, j = self.up, self.cursor.i, self.cursor.j
-        fine = up.scale - 1
-        r = i >> fine
-        if j is None:  # x is coarse row r // 2: keep the output row of tap r % 2
-            out = up(x, (r % 2 + 1, size[1]))
-            return out[:, :, r % 2 : r % 2 + 1]
-        if up.kernel_size[1] != 2 or up.crop_left:
+    def row(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        """x is coarse row r // 2 of fine row r: keep the output row of tap r % 2."""
+        r = self.cursor.i >> (self.up.scale - 1)
+        out = self.up(x, (r % 2 + 1, size[1]))
+        return out[:, :, r % 2 : r % 2 + 1]
+
+    def pixel(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        """x [B, Cin] is coarse pixel (r // 2, c // 2) of fine pixel (r, c): one tap reaches (r, c)."""
+        if self.taps is None:
             raise ValueError("pixel-by-pixel upsampling needs a 2x2 kernel without crop")
-        c = j >> fine  # x is coarse pixel (r // 2, c // 2): one tap reaches (r, c)
-        return (x[:, :, 0, 0] @ up.weight[:, :, r % 2, c % 2] + up.bias).view(len(x), -1, 1, 1)
+        fine = self.up.scale - 1
+        return torch.addmm(self.bias, x, self.taps[(self.cursor.i >> fine) % 2][(self.cursor.j >> fine) % 2])
+
+
+class PointwiseCache:
+    """A 1 x 1 :class:`CausalConv2d` at a pixel: x [B, Cin] -> [B, Cout], one matrix product with
+    its (masked) weight laid out once as [Cin, Cout]."""
+
+    def __init__(self, conv: CausalConv2d) -> None:
+        weight = conv.masked_weight().detach()
+        self.matrix = weight.flatten(1).t().contiguous()
+        self.bias = weight.new_zeros(conv.out_channels) if conv.bias is None else conv.bias.detach()
+
+    def pixel(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.bias, x, self.matrix)
 
 
 Run = Callable[..., Tensor]
@@ -252,27 +328,40 @@ def DIRECT(layer: nn.Module, x: Tensor, *args) -> Tensor:  # noqa: N802 - a cons
 
 
 class LayerCaches:
-    """The decoding state of a convolutional model: a cache for each of its spatial causal layers
-    (1 x 1 convolutions need none), and the cursor they compute at. Called as ``run(layer, x)``
-    by the model's code in place of ``layer(x)``."""
+    """The decoding state of a convolutional model and the cursor it computes at; called as
+    ``run(layer, x)`` by the model's code in place of ``layer(x)``.
+
+    At a pixel (``at(i, j)``) the model's tensors are [B, C], one position per image: every
+    convolution (1 x 1 ones included) and upsampling runs through its cache's ``pixel``. At a row
+    (``at(i, None)``) they are [B, C, 1, W]: the spatial layers run through their caches' ``row``,
+    1 x 1 convolutions as they are. Layers without a cache (activations, ...) run as they are.
+    """
 
     def __init__(self, model: nn.Module, batch: int, height: int, width: int) -> None:
         self.cursor = Cursor()
         self.caches: dict[nn.Module, ConvCache | UpsampleCache] = {}
+        self.pixel_ops: dict[nn.Module, Run] = {}
+        self.row_ops: dict[nn.Module, Run] = {}
         for m in model.modules():
-            if isinstance(m, CausalConv2d) and not m.pointwise:
+            if isinstance(m, CausalConv2d) and m.pointwise:
+                self.pixel_ops[m] = PointwiseCache(m).pixel
+            elif isinstance(m, CausalConv2d):
                 self.caches[m] = ConvCache(m, self.cursor, batch, height, width)
             elif isinstance(m, CausalConvTranspose2d):
                 self.caches[m] = UpsampleCache(m, self.cursor)
+            if m in self.caches:
+                self.pixel_ops[m], self.row_ops[m] = self.caches[m].pixel, self.caches[m].row
+        self.ops = self.pixel_ops
 
     def at(self, i: int, j: int | None) -> LayerCaches:
         """Point the cursor at pixel (i, j), or at row i when j is None; returns self."""
         self.cursor.i, self.cursor.j = i, j
+        self.ops = self.row_ops if j is None else self.pixel_ops
         return self
 
     def __call__(self, layer: nn.Module, x: Tensor, *args) -> Tensor:
-        cache = self.caches.get(layer)
-        return layer(x, *args) if cache is None else cache(x, *args)
+        op = self.ops.get(layer)
+        return layer(x, *args) if op is None else op(x, *args)
 
 
 class ConvDecoder(Decoder):
@@ -294,9 +383,13 @@ class ConvDecoder(Decoder):
         self.params: Tensor | None = None
         self.row, self.row_value = -1, None
 
-    def image(self, rows: slice, cols: slice) -> Tensor:
-        """The canvas at [rows, cols] as the network's input (``model.image``)."""
-        return self.model.image(self.x[:, :, rows, cols])
+    def pixel(self, h: int, w: int) -> Tensor:
+        """The canvas at pixel (h, w) as the network's input (``model.image``): [B, C']."""
+        return self.model.image(self.x[:, :, h, w])
+
+    def image_row(self, h: int) -> Tensor:
+        """The canvas's row h as the network's input: [B, C', 1, W]."""
+        return self.model.image(self.x[:, :, h : h + 1])
 
     def per_row(self, h: int, compute: Callable[[], object]) -> object:
         """``compute()`` once for row h (the rows above are final), its result reused for the row."""
@@ -306,12 +399,12 @@ class ConvDecoder(Decoder):
 
     def conditional(self, step: int, c: int, h: int, w: int) -> Tensor:
         if self.params is None or self.model.subpixel:
-            self.params = self.model.pixel_params(self, h, w)[:, :, 0, 0]
+            self.params = self.model.pixel_params(self, h, w)
         return self.model.head.conditional(self.params, self.x[:, :, h, w], c)
 
     def final(self, step: int, c: int, h: int, w: int) -> None:
         if c == self.x.shape[1] - 1:  # the pixel is complete
-            value = self.image(slice(h, h + 1), slice(w, w + 1))[:, :, 0, 0]
+            value = self.pixel(h, w)
             for cache in self.reads_image:
                 cache.store(h, w, value)
             self.params = None

@@ -247,7 +247,7 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         return NaiveDecoder(self, x, labels)
 
     def pixel_params(self, decoder: ConvDecoder, h: int, w: int) -> Tensor:
-        """For a ConvDecoder: the head's parameters at pixel (h, w), [B, P, 1, 1], computed through
+        """For a ConvDecoder: the head's parameters at pixel (h, w), [B, P], computed through
         ``decoder.caches.at(...)`` (and ``decoder.per_row`` for work a row shares)."""
         raise NotImplementedError(f"{type(self).__name__} does not decode through a ConvDecoder")
 

@@ -12,9 +12,9 @@ class conditioning adds a learned per-class bias to every gate.
 For C = 3 every convolution that sees the current pixel is split into channel groups (R, G, B):
 the outputs for G see R, those for B see R and G (sub-pixel masking).
 
-Cached decoding runs the same forward code on a single pixel (and, for the vertical stack, on a
-single row), its spatial layers run through the decoder's caches (``run``), which keep their
-inputs: a step costs one output position per layer.
+Cached decoding runs the same forward code on a single pixel (tensors [B, C]) and, for the
+vertical stack, on a single row, its layers run through the decoder's caches (``run``), which
+keep their inputs: a step costs one output position per layer, mostly one matrix product each.
 """
 
 from __future__ import annotations
@@ -42,8 +42,14 @@ class ResidualBlock(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: Tensor, run: Run = DIRECT) -> Tensor:
-        h = run(self.conv, F.relu_(self.reduce(F.relu(x))))
-        return self.expand(F.dropout(F.relu(h), self.dropout, self.training)).add_(x)
+        h = run(self.conv, F.relu_(run(self.reduce, F.relu(x))))
+        return run(self.expand, F.dropout(F.relu(h), self.dropout, self.training)).add_(x)
+
+
+def readout(head_layers: nn.Sequential, h: Tensor, run: Run = DIRECT) -> Tensor:
+    """The head layers (ReLU, 1x1, ReLU, 1x1, the ReLUs in place) on h, the convolutions through ``run``."""
+    _, first, _, second = head_layers
+    return run(second, F.relu_(run(first, F.relu_(h))))
 
 
 @register("pixelcnn")
@@ -81,7 +87,7 @@ class PixelCNN(AutoregressiveModel):
         h = run(self.input_conv, image)
         for block in self.blocks:
             h = block(h, run)
-        return self.head_layers(h)
+        return readout(self.head_layers, h, run)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         # Channels last (also for C = 1, whose strides decide the convolutions' output layout):
@@ -92,7 +98,7 @@ class PixelCNN(AutoregressiveModel):
         return ConvDecoder(self, x, labels, [self.input_conv])
 
     def pixel_params(self, decoder: ConvDecoder, h: int, w: int) -> Tensor:
-        return self.network(decoder.image(slice(h, h + 1), slice(w, w + 1)), decoder.caches.at(h, w))
+        return self.network(decoder.pixel(h, w), decoder.caches.at(h, w))
 
 
 # --------------------------------------------------------------------------- Gated PixelCNN
@@ -160,6 +166,12 @@ class GatedLayer(nn.Module):
         self.residual = None if first else pointwise_conv(channels, channels, groups)
         self.class_bias = None if num_classes is None else nn.Embedding(num_classes, 4 * channels)
 
+    def add_class_bias(self, pre: Tensor, labels: Tensor, half: int) -> Tensor:
+        """pre [B, 2h, ...] plus the labels' bias of the vertical (half 0) or horizontal (half 1) stack."""
+        n = pre.shape[1]
+        bias = self.class_bias(labels)[:, half * n : (half + 1) * n]
+        return pre + bias.view(*bias.shape, *(1,) * (pre.dim() - 2))
+
     def vertical(self, v: Tensor, labels: Tensor | None, run: Run = DIRECT,
                  shifted: bool = False) -> tuple[Tensor, Tensor]:
         """Vertical input [B, Cin, H, W] -> (pre-activation [B, 2h, H, W], output [B, h, H, W]).
@@ -171,7 +183,7 @@ class GatedLayer(nn.Module):
         """
         pre = run(self.vertical_conv, v)
         if self.class_bias is not None:
-            pre = pre + self.class_bias(labels)[:, : pre.shape[1], None, None]
+            pre = self.add_class_bias(pre, labels, 0)
         if shifted:
             pre[:, :, 0] = 0  # gate(0) = 0: the output's row 0 is zero too
         return pre, gate(pre)
@@ -179,11 +191,11 @@ class GatedLayer(nn.Module):
     def horizontal(self, h: Tensor, shifted_vertical: Tensor, labels: Tensor | None,
                    run: Run = DIRECT) -> tuple[Tensor, Tensor]:
         """Horizontal input and the down-shifted vertical pre-activation -> (output, skip)."""
-        pre = self.link(shifted_vertical).add_(run(self.horizontal_conv, h))
+        pre = run(self.link, shifted_vertical).add_(run(self.horizontal_conv, h))
         if self.class_bias is not None:
-            pre = pre + self.class_bias(labels)[:, pre.shape[1] :, None, None]
+            pre = self.add_class_bias(pre, labels, 1)
         g = gate(pre)
-        return (g if self.residual is None else self.residual(g).add_(h)), self.skip(g)
+        return (g if self.residual is None else run(self.residual, g).add_(h)), run(self.skip, g)
 
 
 @register("gated_pixelcnn")
@@ -226,11 +238,11 @@ class GatedPixelCNN(AutoregressiveModel):
     def horizontal_stack(self, image: Tensor, shifted: list[Tensor], labels: Tensor | None,
                          run: Run = DIRECT) -> Tensor:
         """Horizontal stack given the down-shifted vertical pre-activations -> params [B, P, H, W]."""
-        h, skips = image, 0
+        h, skips = image, None
         for layer, vertical in zip(self.layers, shifted, strict=True):
             h, skip = layer.horizontal(h, vertical, labels, run)
-            skips = skips + skip
-        return self.head_layers(skips)
+            skips = skip if skips is None else skips.add_(skip)
+        return readout(self.head_layers, skips, run)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         image = self.image(x).to(memory_format=torch.channels_last)  # see PixelCNN.forward
@@ -239,7 +251,7 @@ class GatedPixelCNN(AutoregressiveModel):
             shifted, v = layer.vertical(v, labels, shifted=True)
             h, skip = layer.horizontal(h, shifted, labels)
             skips = skip if skips is None else skips.add_(skip)
-        return self.head_layers(skips)
+        return readout(self.head_layers, skips)
 
     def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
         return ConvDecoder(self, x, labels, [self.layers[0].horizontal_conv])
@@ -252,9 +264,7 @@ class GatedPixelCNN(AutoregressiveModel):
                 width = self.image_shape[2]
                 return [decoder.x.new_zeros(len(decoder.x), layer.link.in_channels, 1, width, dtype=self.dtype)
                         for layer in self.layers]
-            return self.vertical_stack(decoder.image(slice(h - 1, h), slice(None)), decoder.labels,
-                                       decoder.caches.at(h - 1, None))
+            return self.vertical_stack(decoder.image_row(h - 1), decoder.labels, decoder.caches.at(h - 1, None))
 
-        shifted = [pre[:, :, :, w : w + 1] for pre in decoder.per_row(h, vertical_above)]
-        return self.horizontal_stack(decoder.image(slice(h, h + 1), slice(w, w + 1)), shifted, decoder.labels,
-                                     decoder.caches.at(h, w))
+        shifted = [pre[:, :, 0, w] for pre in decoder.per_row(h, vertical_above)]
+        return self.horizontal_stack(decoder.pixel(h, w), shifted, decoder.labels, decoder.caches.at(h, w))

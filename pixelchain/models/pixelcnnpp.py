@@ -8,9 +8,9 @@ ResNets with concat-ELU and dropout; the head is a discretised logistic mixture 
 channels depend linearly on each other, so the network itself sees whole pixels only.
 
 Decoding with caches (Fast PixelCNN++, Ramachandran et al., 2017) uses this same code: the ``u``
-stream runs one row per image row, the ``ul`` stream one pixel per pixel, each spatial layer run
-through the decoder's caches (``run``) computing only the position at its own resolution that the
-cursor points to.
+stream runs one row per image row, the ``ul`` stream one pixel per pixel (tensors [B, C]), each
+layer run through the decoder's caches (``run``) computing only the position at its own
+resolution that the cursor points to.
 """
 
 from __future__ import annotations
@@ -46,15 +46,18 @@ class GatedResNet(nn.Module):
     def __init__(self, channels: int, make_conv, scale: int, aux_channels: int, dropout: float) -> None:
         super().__init__()
         self.conv1 = make_conv(2 * channels, channels, scale)
-        self.aux = nn.Conv2d(2 * aux_channels, channels, 1) if aux_channels else None
+        self.aux = CausalConv2d(2 * aux_channels, channels, (1, 1)) if aux_channels else None
         self.dropout = nn.Dropout(dropout)
         self.conv2 = make_conv(2 * channels, 2 * channels, scale)
 
     def forward(self, x: Tensor, aux: Tensor | None = None, run: Run = DIRECT) -> Tensor:
         h = run(self.conv1, concat_elu(x))
         if aux is not None:
-            h = h + self.aux(concat_elu(aux))
-        a, b = run(self.conv2, self.dropout(concat_elu(h))).chunk(2, dim=1)
+            h = h + run(self.aux, concat_elu(aux))
+        h = concat_elu(h)
+        if self.training:
+            h = self.dropout(h)
+        a, b = run(self.conv2, h).chunk(2, dim=1)
         return x + a * torch.sigmoid(b)
 
 
@@ -102,7 +105,7 @@ class PixelCNNPP(AutoregressiveModel):
         coarse = range(S - 1, 0, -1)  # upsampling from level s to s - 1
         self.u_upsample = nn.ModuleList(CausalConvTranspose2d(F_, F_, (2, 3), 1, s) for s in coarse)
         self.ul_upsample = nn.ModuleList(CausalConvTranspose2d(F_, F_, (2, 2), 0, s) for s in coarse)
-        self.out = nn.Conv2d(F_, self.param_channels, 1)
+        self.out = CausalConv2d(F_, self.param_channels, (1, 1))
         # The scale of each u block's output, in the order u_stream returns them.
         self.block_scales = [s for s in range(S) for _ in range(num_resnet)] + [
             s for s, n in zip(up_scales, counts, strict=True) for _ in range(n)
@@ -151,7 +154,7 @@ class PixelCNNPP(AutoregressiveModel):
                 ul = run(self.ul_upsample[s - 1], ul, self.sizes[len(self.ul_up) - 1 - s])
             for block in scale:
                 ul = block(ul, torch.cat([next(u), skips.pop()], dim=1), run)
-        return self.out(F.elu(ul))
+        return run(self.out, F.elu(ul))
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         image = self.image(x)
@@ -162,7 +165,6 @@ class PixelCNNPP(AutoregressiveModel):
 
     def pixel_params(self, decoder: ConvDecoder, h: int, w: int) -> Tensor:
         """The u stream once per row (every scale's row under the cursor), the ul stream at the pixel."""
-        u_rows = decoder.per_row(h, lambda: self.u_stream(decoder.image(slice(h, h + 1), slice(None)),
-                                                           decoder.caches.at(h, None)))
-        u_here = [u[:, :, :, w >> s : (w >> s) + 1] for u, s in zip(u_rows, self.block_scales, strict=True)]
-        return self.ul_stream(decoder.image(slice(h, h + 1), slice(w, w + 1)), u_here, decoder.caches.at(h, w))
+        u_rows = decoder.per_row(h, lambda: self.u_stream(decoder.image_row(h), decoder.caches.at(h, None)))
+        u_here = [u[:, :, 0, w >> s] for u, s in zip(u_rows, self.block_scales, strict=True)]
+        return self.ul_stream(decoder.pixel(h, w), u_here, decoder.caches.at(h, w))
