@@ -58,7 +58,7 @@ class GatedResNet(nn.Module):
         if self.training:
             h = self.dropout(h)
         a, b = run(self.conv2, h).chunk(2, dim=1)
-        return x + a * torch.sigmoid(b)
+        return torch.addcmul(x, a, torch.sigmoid(b))
 
 
 @register("pixelcnn_pp")
@@ -165,6 +165,8 @@ class PixelCNNPP(AutoregressiveModel):
 
     def pixel_params(self, decoder: ConvDecoder, h: int, w: int) -> Tensor:
         """The u stream once per row (every scale's row under the cursor), the ul stream at the pixel."""
-        u_rows = decoder.per_row(h, lambda: self.u_stream(decoder.image_row(h), decoder.caches.at(h, None)))
-        u_here = [u[:, :, 0, w >> s] for u, s in zip(u_rows, self.block_scales, strict=True)]
+        def u_columns() -> list[tuple[Tensor, ...]]:  # each u block's output row, column by column
+            return [u[:, :, 0].unbind(2) for u in self.u_stream(decoder.image_row(h), decoder.caches.at(h, None))]
+
+        u_here = [u[w >> s] for u, s in zip(decoder.per_row(h, u_columns), self.block_scales, strict=True)]
         return self.ul_stream(decoder.pixel(h, w), u_here, decoder.caches.at(h, w))

@@ -4,7 +4,7 @@ Token t is the embedding of the value before it, x_{t-1} (a learned start value 
 learned embedding of its position (and so of its channel). Pre-norm blocks (LayerNorm -> causal
 self-attention -> residual, LayerNorm -> MLP(4x, GELU) -> residual), a final LayerNorm and a
 linear layer give the head's parameters of dimension t. Decoding keeps every block's keys and
-values (a KV cache): step t runs token t alone through the blocks.
+values (a KV cache): step t runs token t alone, [B, dim], through the blocks.
 """
 
 from __future__ import annotations
@@ -20,25 +20,42 @@ from .base import AutoregressiveModel, check_sizes
 
 
 class KVCache:
-    """The keys and values of the tokens so far, preallocated [B, heads, D, head_dim]."""
+    """One attention layer's keys and values of the tokens so far, and the attention of the next
+    token over them.
 
-    def __init__(self, batch: int, heads: int, length: int, head_dim: int, like: Tensor) -> None:
-        self.k = like.new_zeros(batch, heads, length, head_dim)
-        self.v = torch.zeros_like(self.k)
+    The layer's qkv projection is laid out head-major once, [dim, heads * (q, k, v) * head_dim],
+    so that a token's projections viewed as [B * heads, 3, head_dim] give every (image, head) its
+    query, key and value side by side. Keys and values are kept as [B * heads, D, (k, v),
+    head_dim]: one copy stores a token's, and the scores and the weighted values are one batched
+    matrix product each over the prefix, read in place (a memory-bound step: it reads every
+    kept key and value once).
+    """
+
+    def __init__(self, attn: SelfAttention, batch: int, length: int) -> None:
+        weight, bias = attn.qkv.weight.detach(), attn.qkv.bias.detach()  # [3 * dim, dim], rows (q, k, v)
+        heads, dim = attn.num_heads, weight.shape[1]
+        self.heads, self.head_dim = heads, dim // heads
+        order = torch.arange(3 * dim, device=weight.device).view(3, heads, -1).transpose(0, 1).flatten()
+        self.matrix, self.bias = weight[order].t().contiguous(), bias[order]
+        self.kv = weight.new_zeros(batch * heads, length, 2, self.head_dim)
+        self.scale = self.head_dim**-0.5
         self.size = 0
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Add keys and values [B, heads, T, head_dim]; return all of them so far."""
-        end = self.size + k.shape[2]
-        self.k[:, :, self.size : end], self.v[:, :, self.size : end] = k, v
-        self.size = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def attend(self, x: Tensor) -> Tensor:
+        """Token x [B, dim] (normalised): keep its key and value, return its attention over every
+        token so far, itself included, [B, dim] (heads concatenated)."""
+        t = self.size = self.size + 1
+        qkv = torch.addmm(self.bias, x, self.matrix).view(-1, 3, self.head_dim)  # [B * heads, 3, hd]
+        self.kv[:, t - 1] = qkv[:, 1:]
+        keys, values = self.kv[:, :t, 0], self.kv[:, :t, 1]  # [B * heads, t, hd]
+        scores = torch.baddbmm(self.kv[:1, :1, 0, :1], qkv[:, :1], keys.transpose(1, 2), beta=0, alpha=self.scale)
+        return torch.bmm(scores.softmax(dim=-1), values).view(len(x), -1)
 
 
 class SelfAttention(nn.Module):
     """Causal multi-head self-attention: x [B, T, dim] -> [B, T, dim].
 
-    With a ``cache``, x is the next token alone (T = 1): it attends to itself and every token
+    With a ``cache``, x [B, dim] is the next token alone: it attends to itself and every token
     before it, whose keys and values the cache holds.
     """
 
@@ -52,14 +69,13 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        if cache is not None:
+            return self.resid_dropout(self.proj(cache.attend(x)))
         B, T, dim = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # [B, heads, T, hd]
-        if cache is None:
-            # No dropout on the attention weights: it would force the unfused kernel, which stores
-            # a T x T matrix per head (GBs at T = 784 on the CPU); dropout acts on the residuals.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, *cache.append(k, v))
+        # No dropout on the attention weights: it would force the unfused kernel, which stores
+        # a T x T matrix per head (GBs at T = 784 on the CPU); dropout acts on the residuals.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, dim)))
 
 
@@ -75,6 +91,7 @@ class Block(nn.Module):
         )
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        """x [B, T, dim], or with a ``cache`` the next token [B, dim]."""
         x = x + self.attn(self.ln1(x), cache)
         return x + self.mlp(self.ln2(x))
 
@@ -98,7 +115,8 @@ class Transformer(AutoregressiveModel):
 
     def run(self, previous: Tensor, positions: slice, caches: list[KVCache] | None = None) -> Tensor:
         """Parameters [B, T, p] of the dimensions at ``positions`` from the values before them,
-        ``previous`` [B, T] (K for the start)."""
+        ``previous`` [B, T] (K for the start); with ``caches``, of the next dimension alone: [B, p]
+        from ``previous`` [B]."""
         x = self.dropout(self.value_embedding(previous) + self.position_embedding[positions])
         for n, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[n])
@@ -117,9 +135,7 @@ class TransformerDecoder(Decoder):
 
     def __init__(self, model: Transformer, x: Tensor, labels: Tensor | None = None) -> None:
         super().__init__(model, x, labels)
-        head_dim = model.position_embedding.shape[1] // model.num_heads
-        self.caches = [KVCache(len(x), model.num_heads, model.num_dims, head_dim, model.position_embedding)
-                       for _ in model.blocks]
+        self.caches = [KVCache(block.attn, len(x), model.num_dims) for block in model.blocks]
         self.previous = x.new_full((len(x),), model.num_levels)  # the start value
 
     def final(self, step: int, c: int, h: int, w: int) -> None:
@@ -127,5 +143,4 @@ class TransformerDecoder(Decoder):
 
     def conditional(self, step: int, c: int, h: int, w: int) -> Tensor:
         model = self.model
-        params = model.run(self.previous.unsqueeze(1), slice(step, step + 1), self.caches)[:, 0]
-        return model.head.dim_conditional(params)
+        return model.head.dim_conditional(model.run(self.previous, slice(step, step + 1), self.caches))
