@@ -392,7 +392,8 @@ class ConvDecoder(Decoder):
         return self.model.image(self.x[:, :, h : h + 1])
 
     def per_row(self, h: int, compute: Callable[[], object]) -> object:
-        """``compute()`` once for row h (the rows above are final), its result reused for the row."""
+        """``compute()`` once for row h (the rows above are final), its result reused for the row.
+        While it runs, ``row_value`` is the previous row's result (None before the first)."""
         if self.row != h:
             self.row, self.row_value = h, compute()
         return self.row_value

@@ -116,11 +116,15 @@ class PixelCNNPP(AutoregressiveModel):
         v = self.unit(x) * 2 - 1
         return torch.cat([v, torch.ones_like(v[:, :1])], dim=1)
 
-    def u_stream(self, image: Tensor, run: Run = DIRECT) -> list[Tensor]:
-        """The u stream; returns the output of every u block, in block order."""
+    def u_stream(self, image: Tensor, run: Run = DIRECT, reuse: tuple[int, list[Tensor]] | None = None
+                 ) -> list[Tensor]:
+        """The u stream; returns the output of every u block, in block order. ``reuse`` = (level,
+        outputs): the blocks at that level and the coarser ones are taken from ``outputs`` (an
+        earlier call's whose rows there were the same), not computed."""
+        levels = len(self.u_down) if reuse is None else reuse[0]
         u = run(self.u_init, image)
         skips, outputs = [u], []
-        for s, scale in enumerate(self.u_down):
+        for s, scale in enumerate(self.u_down[:levels]):
             if s > 0:
                 u = run(self.u_downsample[s - 1], u)
                 skips.append(u)
@@ -128,10 +132,20 @@ class PixelCNNPP(AutoregressiveModel):
                 u = block(u, None, run)
                 skips.append(u)
                 outputs.append(u)
-        skips.pop()
+        if reuse is None:
+            skips.pop()  # the coarsest block's output goes on up
+        else:  # the reused levels' down blocks, then their up blocks, whose last output goes on up
+            run(self.u_downsample[levels - 1], u)  # keeps its input row, which later rows read
+            down = sum(len(scale) for scale in self.u_down)
+            up = sum(len(scale) for scale in self.u_up[: len(self.u_up) - levels])
+            outputs += reuse[1][len(outputs) : down + up]
+            u = outputs[-1]
         for s, scale in enumerate(self.u_up):
+            level = len(self.u_up) - 1 - s
+            if level >= levels:
+                continue
             if s > 0:
-                u = run(self.u_upsample[s - 1], u, self.sizes[len(self.u_up) - 1 - s])
+                u = run(self.u_upsample[s - 1], u, self.sizes[level])
             for block in scale:
                 u = block(u, skips.pop(), run)
                 outputs.append(u)
@@ -164,9 +178,15 @@ class PixelCNNPP(AutoregressiveModel):
         return ConvDecoder(self, x, labels, [self.u_init, self.ul_init_up, self.ul_init_left])
 
     def pixel_params(self, decoder: ConvDecoder, h: int, w: int) -> Tensor:
-        """The u stream once per row (every scale's row under the cursor), the ul stream at the pixel."""
-        def u_columns() -> list[tuple[Tensor, ...]]:  # each u block's output row, column by column
-            return [u[:, :, 0].unbind(2) for u in self.u_stream(decoder.image_row(h), decoder.caches.at(h, None))]
+        """The u stream once per row (every scale's row under the cursor), the ul stream at the pixel.
+        Level s's row, h >> s, is the previous row's unless 2^s divides h: the u stream computes
+        the levels up to the largest such s and reuses the previous row's coarser ones."""
+        def u_rows() -> tuple[list[Tensor], list[tuple[Tensor, ...]]]:  # and each row column by column
+            fresh = (h & -h).bit_length()  # levels 0 .. fresh - 1 have a new row (all when h = 0)
+            reuse = (fresh, decoder.row_value[0]) if h and fresh < len(self.u_down) else None
+            outputs = self.u_stream(decoder.image_row(h), decoder.caches.at(h, None), reuse)
+            return outputs, [u[:, :, 0].unbind(2) for u in outputs]
 
-        u_here = [u[w >> s] for u, s in zip(decoder.per_row(h, u_columns), self.block_scales, strict=True)]
+        columns = decoder.per_row(h, u_rows)[1]
+        u_here = [u[w >> s] for u, s in zip(columns, self.block_scales, strict=True)]
         return self.ul_stream(decoder.pixel(h, w), u_here, decoder.caches.at(h, w))
