@@ -382,6 +382,7 @@ class ConvDecoder(Decoder):
         self.reads_image = [self.caches.caches[conv] for conv in reads_image]
         self.params: Tensor | None = None
         self.row, self.row_value = -1, None
+        self.state: dict[str, object] = {}  # the model's own decoding state beyond a row's (pixel_params)
 
     def pixel(self, h: int, w: int) -> Tensor:
         """The canvas at pixel (h, w) as the network's input (``model.image``): [B, C']."""

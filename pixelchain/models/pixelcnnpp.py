@@ -151,42 +151,68 @@ class PixelCNNPP(AutoregressiveModel):
                 outputs.append(u)
         return outputs
 
-    def ul_stream(self, image: Tensor, u_outputs: list[Tensor], run: Run = DIRECT) -> Tensor:
-        """The ul stream, given the u blocks' outputs at the same places -> params [B, P, H, W]."""
+    def ul_stream(self, image: Tensor, u_outputs: list[Tensor], run: Run = DIRECT,
+                  reuse: tuple[int, Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
+        """The ul stream, given the u blocks' outputs at the same places -> (params [B, P, H, W], the
+        up pass's output at each level it computed, coarsest first). ``reuse`` = (level, output):
+        that level and the coarser ones are not computed, ``output`` stands for the up pass's
+        output at that level (an earlier call's at the same place), and ``u_outputs`` holds the
+        finer levels' only."""
+        levels = len(self.ul_down) if reuse is None else reuse[0]
         ul = run(self.ul_init_up, image) + run(self.ul_init_left, image)
-        skips, u = [ul], iter(u_outputs)
-        for s, scale in enumerate(self.ul_down):
+        skips, u, ups = [ul], iter(u_outputs), []
+        for s, scale in enumerate(self.ul_down[:levels]):
             if s > 0:
                 ul = run(self.ul_downsample[s - 1], ul)
                 skips.append(ul)
             for block in scale:
                 ul = block(ul, next(u), run)
                 skips.append(ul)
-        skips.pop()
+        if reuse is None:
+            skips.pop()  # the coarsest block's output goes on up
+        else:
+            run(self.ul_downsample[levels - 1], ul)  # keeps its input, which later places read
+            ul = reuse[1]
         for s, scale in enumerate(self.ul_up):
+            level = len(self.ul_up) - 1 - s
+            if level >= levels:
+                continue
             if s > 0:
-                ul = run(self.ul_upsample[s - 1], ul, self.sizes[len(self.ul_up) - 1 - s])
+                ul = run(self.ul_upsample[s - 1], ul, self.sizes[level])
             for block in scale:
                 ul = block(ul, torch.cat([next(u), skips.pop()], dim=1), run)
-        return run(self.out, F.elu(ul))
+            ups.append(ul)
+        return run(self.out, F.elu(ul)), ups
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         image = self.image(x)
-        return self.ul_stream(image, self.u_stream(image))
+        return self.ul_stream(image, self.u_stream(image))[0]
 
     def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
         return ConvDecoder(self, x, labels, [self.u_init, self.ul_init_up, self.ul_init_left])
 
     def pixel_params(self, decoder: ConvDecoder, h: int, w: int) -> Tensor:
         """The u stream once per row (every scale's row under the cursor), the ul stream at the pixel.
+
         Level s's row, h >> s, is the previous row's unless 2^s divides h: the u stream computes
-        the levels up to the largest such s and reuses the previous row's coarser ones."""
+        the levels up to the largest such s and reuses the previous row's coarser ones. Likewise
+        level s's place (h >> s, w >> s) is new only when 2^s divides h and w; at its first pixel
+        the ul stream computes it (its inputs are final then) and ``decoder.state`` keeps its up
+        pass's output by column, which the place's other pixels reuse (Fast PixelCNN++)."""
+        levels = len(self.ul_down)
+
         def u_rows() -> tuple[list[Tensor], list[tuple[Tensor, ...]]]:  # and each row column by column
             fresh = (h & -h).bit_length()  # levels 0 .. fresh - 1 have a new row (all when h = 0)
-            reuse = (fresh, decoder.row_value[0]) if h and fresh < len(self.u_down) else None
+            reuse = (fresh, decoder.row_value[0]) if h and fresh < levels else None
             outputs = self.u_stream(decoder.image_row(h), decoder.caches.at(h, None), reuse)
             return outputs, [u[:, :, 0].unbind(2) for u in outputs]
 
         columns = decoder.per_row(h, u_rows)[1]
-        u_here = [u[w >> s] for u, s in zip(columns, self.block_scales, strict=True)]
-        return self.ul_stream(decoder.pixel(h, w), u_here, decoder.caches.at(h, w))
+        fresh = min(((h | w) & -(h | w)).bit_length() or levels, levels)  # levels with a new place
+        ups = decoder.state.setdefault("ul_up", [[None] * (self.sizes[s][1]) for s in range(levels)])
+        reuse = (fresh, ups[fresh][w >> fresh]) if fresh < levels else None
+        u_here = [u[w >> s] for u, s in zip(columns, self.block_scales, strict=True) if s < fresh]
+        params, new = self.ul_stream(decoder.pixel(h, w), u_here, decoder.caches.at(h, w), reuse)
+        for s, up in zip(range(fresh - 1, 0, -1), new, strict=False):  # coarsest first; level 0 is not reused
+            ups[s][w >> s] = up
+        return params
