@@ -58,7 +58,7 @@ class GatedResNet(nn.Module):
         if self.training:
             h = self.dropout(h)
         a, b = run(self.conv2, h).chunk(2, dim=1)
-        return torch.addcmul(x, a, torch.sigmoid(b))
+        return x + a * torch.sigmoid(b)
 
 
 @register("pixelcnn_pp")
