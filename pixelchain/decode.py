@@ -373,6 +373,10 @@ class ConvDecoder(Decoder):
     value is stored in them (during the pixel's own steps they held the not yet decided channels,
     which the masks ignore). A pixel's parameters are recomputed for every channel when the
     model is ``subpixel`` (the head's channels depend on the network's sub-pixel outputs).
+
+    The network's input of the canvas (``model.image``, which maps each pixel on its own) is
+    computed once, [B, H, W, C'], and a pixel's is updated when its value changes: at its last
+    channel, or at every channel when the model is ``subpixel``.
     """
 
     def __init__(self, model, x: Tensor, labels: Tensor | None, reads_image: list[CausalConv2d]) -> None:
@@ -380,17 +384,18 @@ class ConvDecoder(Decoder):
         _, H, W = model.image_shape
         self.caches = LayerCaches(model, len(x), H, W)
         self.reads_image = [self.caches.caches[conv] for conv in reads_image]
+        self.inputs = model.image(x).permute(0, 2, 3, 1).contiguous()  # [B, H, W, C']
         self.params: Tensor | None = None
         self.row, self.row_value = -1, None
         self.state: dict[str, object] = {}  # the model's own decoding state beyond a row's (pixel_params)
 
     def pixel(self, h: int, w: int) -> Tensor:
         """The canvas at pixel (h, w) as the network's input (``model.image``): [B, C']."""
-        return self.model.image(self.x[:, :, h, w])
+        return self.inputs[:, h, w]
 
     def image_row(self, h: int) -> Tensor:
         """The canvas's row h as the network's input: [B, C', 1, W]."""
-        return self.model.image(self.x[:, :, h : h + 1])
+        return self.inputs[:, h : h + 1].permute(0, 3, 1, 2)
 
     def per_row(self, h: int, compute: Callable[[], object]) -> object:
         """``compute()`` once for row h (the rows above are final), its result reused for the row.
@@ -405,8 +410,10 @@ class ConvDecoder(Decoder):
         return self.model.head.conditional(self.params, self.x[:, :, h, w], c)
 
     def final(self, step: int, c: int, h: int, w: int) -> None:
-        if c == self.x.shape[1] - 1:  # the pixel is complete
-            value = self.pixel(h, w)
+        complete = c == self.x.shape[1] - 1
+        if complete or self.model.subpixel:
+            value = self.inputs[:, h, w] = self.model.image(self.x[:, :, h, w])
+        if complete:
             for cache in self.reads_image:
                 cache.store(h, w, value)
             self.params = None

@@ -209,7 +209,9 @@ class PixelCNNPP(AutoregressiveModel):
 
         columns = decoder.per_row(h, u_rows)[1]
         fresh = min(((h | w) & -(h | w)).bit_length() or levels, levels)  # levels with a new place
-        ups = decoder.state.setdefault("ul_up", [[None] * (self.sizes[s][1]) for s in range(levels)])
+        if "ul_up" not in decoder.state:  # each level's up-pass outputs by column, of its current places
+            decoder.state["ul_up"] = [[None] * self.sizes[s][1] for s in range(levels)]
+        ups = decoder.state["ul_up"]
         reuse = (fresh, ups[fresh][w >> fresh]) if fresh < levels else None
         u_here = [u[w >> s] for u, s in zip(columns, self.block_scales, strict=True) if s < fresh]
         params, new = self.ul_stream(decoder.pixel(h, w), u_here, decoder.caches.at(h, w), reuse)

@@ -34,7 +34,7 @@ class KVCache:
     def __init__(self, attn: SelfAttention, batch: int, length: int) -> None:
         weight, bias = attn.qkv.weight.detach(), attn.qkv.bias.detach()  # [3 * dim, dim], rows (q, k, v)
         heads, dim = attn.num_heads, weight.shape[1]
-        self.heads, self.head_dim = heads, dim // heads
+        self.head_dim = dim // heads
         order = torch.arange(3 * dim, device=weight.device).view(3, heads, -1).transpose(0, 1).flatten()
         self.matrix, self.bias = weight[order].t().contiguous(), bias[order]
         self.kv = weight.new_zeros(batch * heads, length, 2, self.head_dim)
@@ -48,6 +48,7 @@ class KVCache:
         qkv = torch.addmm(self.bias, x, self.matrix).view(-1, 3, self.head_dim)  # [B * heads, 3, hd]
         self.kv[:, t - 1] = qkv[:, 1:]
         keys, values = self.kv[:, :t, 0], self.kv[:, :t, 1]  # [B * heads, t, hd]
+        # [B * heads, 1, t], scaled in the product; with beta = 0 its input (any [1, 1, 1]) is not read
         scores = torch.baddbmm(self.kv[:1, :1, 0, :1], qkv[:, :1], keys.transpose(1, 2), beta=0, alpha=self.scale)
         return torch.bmm(scores.softmax(dim=-1), values).view(len(x), -1)
 
