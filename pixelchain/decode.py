@@ -13,7 +13,8 @@ forward pass of the canvas, a model's cached decoder from what it kept of earlie
 After the policy wrote a dimension's value the loop calls ``decoder.final``: the one place where a
 decoder folds a final value into what it keeps. The decoding state of the convolutional models
 lives here too (:class:`LayerCaches`, :class:`ConvDecoder`): their layers stay stateless, and the
-model code runs its spatial layers through a ``run`` argument (:data:`DIRECT` when teacher-forced).
+model code runs its convolutions through a ``run`` argument (:data:`DIRECT` when teacher-forced;
+at a pixel, on [B, C] tensors, each mostly one matrix product).
 
 The loop runs with the intra-op threads the per-step work calls for (``runtime.threads_for``): one
 thread for the small ops of a cached step, whose thread barriers stall whenever another process
