@@ -386,6 +386,7 @@ class ConvDecoder(Decoder):
         self.caches = LayerCaches(model, len(x), H, W)
         self.reads_image = [self.caches.caches[conv] for conv in reads_image]
         self.inputs = model.image(x).permute(0, 2, 3, 1).contiguous()  # [B, H, W, C']
+        self.levels = x.permute(0, 2, 3, 1).view(len(x), H * W, -1).unbind(1)  # pixel h * W + w of x: [B, C] views
         self.params: Tensor | None = None
         self.row, self.row_value = -1, None
         self.state: dict[str, object] = {}  # the model's own decoding state beyond a row's (pixel_params)
@@ -408,12 +409,12 @@ class ConvDecoder(Decoder):
     def conditional(self, step: int, c: int, h: int, w: int) -> Tensor:
         if self.params is None or self.model.subpixel:
             self.params = self.model.pixel_params(self, h, w)
-        return self.model.head.conditional(self.params, self.x[:, :, h, w], c)
+        return self.model.head.conditional(self.params, self.levels[h * self.x.shape[3] + w], c)
 
     def final(self, step: int, c: int, h: int, w: int) -> None:
         complete = c == self.x.shape[1] - 1
         if complete or self.model.subpixel:
-            value = self.inputs[:, h, w] = self.model.image(self.x[:, :, h, w])
+            value = self.inputs[:, h, w] = self.model.image(self.levels[h * self.x.shape[3] + w])
         if complete:
             for cache in self.reads_image:
                 cache.store(h, w, value)
