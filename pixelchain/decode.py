@@ -308,8 +308,8 @@ class UpsampleCache:
 
 
 class PointwiseCache:
-    """A 1 x 1 :class:`CausalConv2d` at a pixel: x [B, Cin] -> [B, Cout], one matrix product with
-    its (masked) weight laid out once as [Cin, Cout]."""
+    """A 1 x 1 :class:`CausalConv2d` as one matrix product with its (masked) weight laid out once as
+    [Cin, Cout]: at a pixel, or over a row's positions."""
 
     def __init__(self, conv: CausalConv2d) -> None:
         weight = conv.masked_weight().detach()
@@ -317,7 +317,14 @@ class PointwiseCache:
         self.bias = weight.new_zeros(conv.out_channels) if conv.bias is None else conv.bias.detach()
 
     def pixel(self, x: Tensor) -> Tensor:
+        """x [B, Cin] -> [B, Cout]."""
         return torch.addmm(self.bias, x, self.matrix)
+
+    def row(self, x: Tensor) -> Tensor:
+        """x [B, Cin, 1, W] -> [B, Cout, 1, W], channels last (a pixel's channels contiguous)."""
+        B, C, _, W = x.shape
+        out = torch.addmm(self.bias, x.permute(0, 2, 3, 1).reshape(B * W, C), self.matrix)
+        return out.view(B, 1, W, -1).permute(0, 3, 1, 2)
 
 
 Run = Callable[..., Tensor]
@@ -332,10 +339,9 @@ class LayerCaches:
     """The decoding state of a convolutional model and the cursor it computes at; called as
     ``run(layer, x)`` by the model's code in place of ``layer(x)``.
 
-    At a pixel (``at(i, j)``) the model's tensors are [B, C], one position per image: every
-    convolution (1 x 1 ones included) and upsampling runs through its cache's ``pixel``. At a row
-    (``at(i, None)``) they are [B, C, 1, W]: the spatial layers run through their caches' ``row``,
-    1 x 1 convolutions as they are. Layers without a cache (activations, ...) run as they are.
+    At a pixel (``at(i, j)``) the model's tensors are [B, C], one position per image, and at a row
+    (``at(i, None)``) [B, C, 1, W]: every convolution (1 x 1 ones included) and upsampling runs
+    through its cache's ``pixel`` or ``row``. Layers without a cache (activations, ...) run as they are.
     """
 
     def __init__(self, model: nn.Module, batch: int, height: int, width: int) -> None:
@@ -345,13 +351,14 @@ class LayerCaches:
         self.row_ops: dict[nn.Module, Run] = {}
         for m in model.modules():
             if isinstance(m, CausalConv2d) and m.pointwise:
-                self.pixel_ops[m] = PointwiseCache(m).pixel
+                cache = PointwiseCache(m)
             elif isinstance(m, CausalConv2d):
-                self.caches[m] = ConvCache(m, self.cursor, batch, height, width)
+                cache = self.caches[m] = ConvCache(m, self.cursor, batch, height, width)
             elif isinstance(m, CausalConvTranspose2d):
-                self.caches[m] = UpsampleCache(m, self.cursor)
-            if m in self.caches:
-                self.pixel_ops[m], self.row_ops[m] = self.caches[m].pixel, self.caches[m].row
+                cache = self.caches[m] = UpsampleCache(m, self.cursor)
+            else:
+                continue
+            self.pixel_ops[m], self.row_ops[m] = cache.pixel, cache.row
         self.ops = self.pixel_ops
 
     def at(self, i: int, j: int | None) -> LayerCaches:
