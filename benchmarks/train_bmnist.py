@@ -33,7 +33,7 @@ from pixelchain import runtime
 from pixelchain.checkpoint import PRETRAINED_DIR
 from pixelchain.plots import write_figures
 from pixelchain.run_dir import METRICS, RESULT, STATE, RunDir, result_record
-from pixelchain.train import write_trainer_state
+from pixelchain.train import Interrupted, write_trainer_state
 
 # name -> (model, hyperparameters, training settings). Sizes follow the papers where they give
 # them for binarized MNIST, else are chosen to train in minutes on one GPU.
@@ -194,4 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Interrupted as stop:  # Ctrl-C or SIGTERM: the run checkpointed; exit 128 + signal, no traceback
+        print(f"interrupted by signal {stop.signum}: checkpointed, continue with --resume", file=sys.stderr)
+        sys.exit(128 + stop.signum)
