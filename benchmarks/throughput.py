@@ -18,10 +18,10 @@ are also timed through ``torch.compile`` (``--modes compiled``). Writes BENCHMAR
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -58,11 +58,21 @@ def effective_parameters(model: torch.nn.Module) -> int:
 DEFAULT_BATCH = {"transformer": 32}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): VmHWM of /proc/self/status, which exec resets.
+    (getrusage's ru_maxrss carries over exec on Linux: a child forked from a large parent would
+    start at the parent's size and show no growth.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise OSError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def peak_growth_mb(step) -> float:
     """Growth of the process's peak resident memory (MB) over one call of ``step``."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_mb()
     step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return peak_rss_mb() - before
 
 
 def first_step_memory_mb(side: str, name: str, batch: int, threads: int, args: argparse.Namespace) -> float:
