@@ -19,6 +19,8 @@ keep their inputs: a step costs one output position per layer, mostly one matrix
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -227,15 +229,17 @@ class GatedPixelCNN(AutoregressiveModel):
             nn.ReLU(inplace=True), pointwise_conv(head_channels, self.param_channels, C),
         )
 
-    def vertical_stack(self, image: Tensor, labels: Tensor | None, run: Run = DIRECT) -> list[Tensor]:
-        """Vertical pre-activations of every layer (not yet shifted): list of [B, 2h, H, W]."""
-        pres, v = [], image
+    def vertical_stack(self, image: Tensor, labels: Tensor | None, run: Run = DIRECT,
+                       shifted: bool = False) -> Iterator[Tensor]:
+        """Each layer's vertical pre-activation [B, 2h, H, W] in turn, a generator: the horizontal
+        stack consumes them layer by layer, so they are not all held at once. ``shifted``: ``image``
+        moved down a row, and so are the results (see :meth:`GatedLayer.vertical`)."""
+        v = image
         for layer in self.layers:
-            pre, v = layer.vertical(v, labels, run)
-            pres.append(pre)
-        return pres
+            pre, v = layer.vertical(v, labels, run, shifted)
+            yield pre
 
-    def horizontal_stack(self, image: Tensor, shifted: list[Tensor], labels: Tensor | None,
+    def horizontal_stack(self, image: Tensor, shifted: Iterable[Tensor], labels: Tensor | None,
                          run: Run = DIRECT) -> Tensor:
         """Horizontal stack given the down-shifted vertical pre-activations -> params [B, P, H, W]."""
         h, skips = image, None
@@ -246,12 +250,8 @@ class GatedPixelCNN(AutoregressiveModel):
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         image = self.image(x).to(memory_format=torch.channels_last)  # see PixelCNN.forward
-        v, h, skips = down_shift(image), image, None  # the vertical stack a row down: see vertical
-        for layer in self.layers:
-            shifted, v = layer.vertical(v, labels, shifted=True)
-            h, skip = layer.horizontal(h, shifted, labels)
-            skips = skip if skips is None else skips.add_(skip)
-        return readout(self.head_layers, skips)
+        # the vertical stack a row down (see GatedLayer.vertical), interleaved with the horizontal one
+        return self.horizontal_stack(image, self.vertical_stack(down_shift(image), labels, shifted=True), labels)
 
     def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
         return ConvDecoder(self, x, labels, [self.layers[0].horizontal_conv])
@@ -264,7 +264,8 @@ class GatedPixelCNN(AutoregressiveModel):
                 width = self.image_shape[2]
                 return [decoder.x.new_zeros(len(decoder.x), layer.link.in_channels, 1, width, dtype=self.dtype)
                         for layer in self.layers]
-            return self.vertical_stack(decoder.image_row(h - 1), decoder.labels, decoder.caches.at(h - 1, None))
+            above = decoder.caches.at(h - 1, None)
+            return list(self.vertical_stack(decoder.image_row(h - 1), decoder.labels, above))
 
         shifted = [pre[:, :, 0, w] for pre in decoder.per_row(h, vertical_above)]
         return self.horizontal_stack(decoder.pixel(h, w), shifted, decoder.labels, decoder.caches.at(h, w))
