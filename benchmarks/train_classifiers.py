@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--max-time", type=float, default=720.0, help="seconds per run in this call")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA, or a CPU with native bf16)")
     parser.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md alone")
     parser.add_argument("--table-only", action="store_true", help="train nothing: rewrite the table from the records")
     args = parser.parse_args()
@@ -52,7 +53,8 @@ def main() -> None:
         model = pc.classifiers.create(name, train.image_shape, train.num_levels, num_classes=10, **hparams)
         run_dir = Path(args.runs_dir) / label
         summary = pc.fit(model, train, valid, run_dir=run_dir, epochs=args.epochs, max_time=args.max_time,
-                         resume=args.resume, progress=False, info={"dataset": {"name": DATASET}}, **settings)
+                         resume=args.resume, amp=args.amp, progress=False, info={"dataset": {"name": DATASET}},
+                         **settings)
         metrics = pc.evaluate(model, test)
         RunDir(run_dir).write_result(result_record(model, summary, metrics, run=label, dataset=DATASET,
                                                    hparams=hparams, train=settings, machine=machine(),

@@ -76,6 +76,18 @@ def pick_device(name: str = "auto") -> torch.device:
 PARALLEL_WORK = 1 << 28
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bfloat16 autocast runs natively on ``device``: CUDA, or a CPU with AVX512-BF16 / AMX
+    (elsewhere the CPU emulates bf16 and autocast is slower than fp32)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((check and check()) or (amx and amx()))
+
+
 def threads_for(work: float) -> int:
     """Intra-op threads for ops of about ``work`` multiply-adds each: 1 below PARALLEL_WORK, else
     the process's setting (``torch.set_num_threads``)."""

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import runtime
 from .checkpoint import load_weights, model_config
 from .data import ImageDataset
 from .run_dir import CONFIG, STATE, WEIGHTS, RunDir
@@ -87,7 +88,7 @@ class TrainOptions:
     eval_batch_size: int = _option(256, "count", "images per evaluation batch")
     seed: int = _option(0, "index", "seed of the data order (and of the CLI's initial weights)")
     compile: bool = _option(False, "flag", "train through torch.compile")
-    amp: bool = _option(False, "flag", "bfloat16 autocast (CUDA)")
+    amp: bool = _option(False, "flag", "bfloat16 autocast (CUDA, or a CPU with native bf16)")
 
     def validate(self) -> None:
         """ValueError naming the first option that is out of range or of the wrong type."""
@@ -287,7 +288,8 @@ class Trainer:
         if self.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device] if self.device.type == "cuda" else None)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=options.amp and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=options.amp and runtime.bf16_supported(self.device))
         # perf_counter() at this call's start, at the run's (less the time of earlier calls), at the last checkpoint
         self.session_start = self.start = self.last_checkpoint = 0.0
 
