@@ -16,7 +16,7 @@ lives here too (:class:`LayerCaches`, :class:`ConvDecoder`): their layers stay s
 model code runs its convolutions through a ``run`` argument (:data:`DIRECT` when teacher-forced;
 at a pixel, on [B, C] tensors, each mostly one matrix product).
 
-The loop runs with the intra-op threads the per-step work calls for (``runtime.threads_for``): one
+The loop runs with the intra-op threads the per-step work calls for (``runtime.THREADS``): one
 thread for the small ops of a cached step, whose thread barriers stall whenever another process
 holds a core; the caller's setting is restored afterwards.
 """
@@ -156,7 +156,7 @@ def decode(
     step (the reference); otherwise the model's cached decoder is used.
     """
     order = model.decoding_order()
-    with intra_op_threads(threads_for(model.op_work(len(x), step=not naive))):
+    with intra_op_threads(threads_for(model.op_work(len(x), step=not naive), "evaluate" if naive else "decode")):
         x = x.clone(memory_format=torch.contiguous_format)
         canvas = DimensionViews(x)
         decoder = NaiveDecoder(model, x, labels) if naive else model.decoder(x, labels)

@@ -1,4 +1,4 @@
-"""Process-level settings: the device, glibc's allocator, and intra-op threads by work size.
+"""Process-level settings: the device, glibc's allocator, bf16 support, and the intra-op thread policy.
 
 With glibc's default (dynamic) mmap threshold, PyTorch's large CPU temporaries are mapped and
 unmapped on every step, and every fresh mapping is paid for again in page faults: the conv and
@@ -18,6 +18,8 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -70,10 +72,34 @@ def pick_device(name: str = "auto") -> torch.device:
 # Multiply-adds per operation below which extra intra-op threads cost more than they give. Every
 # parallel op ends at a barrier where each thread waits for the slowest: when another process holds
 # a core, one of our threads is descheduled for a time slice (milliseconds) and the op waits for
-# it. Cached sampling of a small PixelCNN took 0.88 s at 2 threads with one busy core and 41 s with
-# two other jobs running, against 0.31-0.37 s at 1 thread (issue 13). Above this size an op runs
-# long enough that splitting it pays even then.
+# it. A cached decoding step's ops take microseconds, so decoding splits only ops far above that;
+# a training or evaluation op of a million multiply-adds already takes long enough to gain from
+# every core the process was given.
 PARALLEL_WORK = 1 << 28
+TRAIN_PARALLEL_WORK = 1 << 20
+
+Task = Literal["train", "evaluate", "decode"]
+
+
+@dataclass
+class ThreadPolicy:
+    """The one place that chooses the intra-op threads of the library's calls: a call of ``task``
+    whose ops do about ``work`` multiply-adds each runs at the process's setting
+    (``torch.set_num_threads``, by default every core) when ``work`` reaches the task's threshold,
+    else at one thread. Decoding keeps one thread for its tiny per-step ops (steady under load);
+    training and evaluation use the cores. Change the thresholds on ``runtime.THREADS``."""
+
+    train_work: float = TRAIN_PARALLEL_WORK
+    decode_work: float = PARALLEL_WORK
+
+    def threads(self, task: Task, work: float) -> int:
+        if task not in ("train", "evaluate", "decode"):
+            raise ValueError(f"unknown task {task!r}: train, evaluate or decode")
+        limit = self.decode_work if task == "decode" else self.train_work
+        return torch.get_num_threads() if work >= limit else 1
+
+
+THREADS = ThreadPolicy()
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -88,10 +114,10 @@ def bf16_supported(device: torch.device) -> bool:
     return bool((check and check()) or (amx and amx()))
 
 
-def threads_for(work: float) -> int:
-    """Intra-op threads for ops of about ``work`` multiply-adds each: 1 below PARALLEL_WORK, else
-    the process's setting (``torch.set_num_threads``)."""
-    return 1 if work < PARALLEL_WORK else torch.get_num_threads()
+def threads_for(work: float, task: Task = "decode") -> int:
+    """Intra-op threads for a ``task`` whose ops do about ``work`` multiply-adds each (``THREADS``
+    decides)."""
+    return THREADS.threads(task, work)
 
 
 @contextmanager

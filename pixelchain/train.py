@@ -457,9 +457,9 @@ class Trainer:
         self.session_start = time.perf_counter()
         self.start, self.last_checkpoint = self.session_start - state["elapsed"], self.session_start
         self.model.train()
-        # one thread for small models' ops (their barriers stall when another process holds a core)
+        # every core for ops large enough to gain from them (runtime.THREADS decides)
         work = self.model.op_work(opts.batch_size) if hasattr(self.model, "op_work") else float("inf")
-        with _stop_on_signals(self.flag), intra_op_threads(threads_for(work)):
+        with _stop_on_signals(self.flag), intra_op_threads(threads_for(work, "train")):
             while state["epoch"] < opts.epochs and not state["finished"] and not (
                     opts.max_steps is not None and state["step"] >= opts.max_steps):
                 if not self.train_epoch():

@@ -68,3 +68,48 @@ def test_decoding_runs_small_steps_at_one_thread_and_restores_the_setting(two_th
     x = model.sample(2, generator=torch.Generator().manual_seed(0))  # its small ops around decode() too
     model.complete(x, torch.rand(2, 1, 3, 3, generator=torch.Generator().manual_seed(1)) < 0.5)
     assert torch.get_num_threads() == 2
+
+
+def test_thread_policy_gives_training_and_evaluation_the_cores_and_decoding_one(two_threads):
+    small, medium = runtime.TRAIN_PARALLEL_WORK - 1, runtime.TRAIN_PARALLEL_WORK
+    assert runtime.threads_for(small, "train") == 1 and runtime.threads_for(medium, "train") == 2
+    assert runtime.threads_for(medium, "evaluate") == 2
+    assert runtime.threads_for(medium, "decode") == 1 and runtime.threads_for(runtime.PARALLEL_WORK, "decode") == 2
+    with pytest.raises(ValueError, match="unknown task"):
+        runtime.threads_for(medium, "sampling")
+
+
+@pytest.mark.parametrize("train_work, expected", [(0.0, 2), (float("inf"), 1)])
+def test_fit_trains_at_the_policys_threads_and_restores_the_setting(two_threads, monkeypatch, train_work, expected):
+    import pixelchain as pc
+    from pixelchain.data import ImageDataset
+
+    monkeypatch.setattr(runtime.THREADS, "train_work", train_work)
+    images = torch.randint(0, 2, (8, 1, 3, 3))
+    model = pc.create("pixelcnn", (1, 3, 3), 2, channels=4, num_blocks=1, head_channels=4)
+    seen = []
+
+    def penalty(m):
+        seen.append(torch.get_num_threads())
+        return torch.zeros(())
+
+    pc.fit(model, ImageDataset(images, 2, name="tiny"), None, epochs=1, batch_size=4, penalty=penalty)
+    assert set(seen) == {expected} and torch.get_num_threads() == 2
+
+
+def test_amp_trains_in_bf16_only_where_supported_and_reports_fp32(monkeypatch):
+    import pixelchain as pc
+    from pixelchain.data import ImageDataset
+    from pixelchain.train import Trainer, TrainOptions
+
+    assert not runtime.bf16_supported(torch.device("meta"))
+    images = torch.randint(0, 2, (8, 1, 3, 3))
+    data = ImageDataset(images, 2, name="tiny")
+    model = pc.create("pixelcnn", (1, 3, 3), 2, channels=4, num_blocks=1, head_channels=4)
+    for supported in (False, True):
+        monkeypatch.setattr(runtime, "bf16_supported", lambda device, s=supported: s)
+        trainer = Trainer(model, data, None, TrainOptions(amp=True, epochs=1, batch_size=4))
+        assert trainer.autocast._enabled == supported
+    pc.fit(model, data, None, epochs=1, batch_size=4, amp=True)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.log_prob(images).dtype == torch.float32

@@ -193,7 +193,7 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         """log p(x_d | x_<d) per dimension, in nats: x [B, C, H, W] -> [B, C, H, W]. Runs with the
         intra-op threads its work calls for (``runtime.threads_for``; restored afterwards)."""
         x, labels = self.check_input(x, labels)
-        with intra_op_threads(threads_for(self.op_work(len(x)))):
+        with intra_op_threads(threads_for(self.op_work(len(x)), "evaluate")):
             return self.head.log_prob(self(x, labels), x)
 
     def log_prob(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
