@@ -16,9 +16,11 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -81,22 +83,66 @@ TRAIN_PARALLEL_WORK = 1 << 20
 Task = Literal["train", "evaluate", "decode"]
 
 
+class FreeCores:
+    """How many cores other processes leave to this one, averaged over about the last ``interval``
+    seconds (Linux: /proc/stat less this process's own CPU time; processes of a higher nice value
+    count as free while this one runs at nice 0, since they yield to it). None where /proc is
+    unavailable."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._reading: tuple[float, int, int, int] | None = None
+        self._free: float | None = None
+
+    @staticmethod
+    def _read() -> tuple[float, int, int, int]:
+        """(time, all ticks, ticks free for this process, this process's own ticks)."""
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        user, nice, system, idle, iowait = ticks[:5]
+        own = sum(int(v) for v in Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+        free = idle + iowait + (nice if os.getpriority(os.PRIO_PROCESS, 0) <= 0 else 0)
+        return time.monotonic(), sum(ticks), free, own
+
+    def __call__(self) -> float | None:
+        try:
+            if self._reading is None:
+                self._reading = self._read()
+                time.sleep(0.05)
+            if self._free is None or time.monotonic() - self._reading[0] >= self.interval:
+                now = self._read()
+                total, free, own = (now[i] - self._reading[i] for i in (1, 2, 3))
+                if total > 0:
+                    self._free = (os.cpu_count() or 1) * min(1.0, (free + own) / total)
+                self._reading = now
+        except (OSError, ValueError, IndexError, AttributeError):
+            return None
+        return self._free
+
+
 @dataclass
 class ThreadPolicy:
-    """The one place that chooses the intra-op threads of the library's calls: a call of ``task``
-    whose ops do about ``work`` multiply-adds each runs at the process's setting
-    (``torch.set_num_threads``, by default every core) when ``work`` reaches the task's threshold,
-    else at one thread. Decoding keeps one thread for its tiny per-step ops (steady under load);
-    training and evaluation use the cores. Change the thresholds on ``runtime.THREADS``."""
+    """The one place that chooses the intra-op threads of the library's calls. A call of ``task``
+    whose ops do about ``work`` multiply-adds each runs at one thread below the task's threshold.
+    Above it, decoding runs at the process's setting (``torch.set_num_threads``); training and
+    evaluation at that setting too, but no more threads than the cores other processes leave free
+    (``free_cores``): a parallel op waits at its barrier for a thread that another process has
+    descheduled, and a training step at 2 threads beside other jobs was measured 6-10x slower than
+    at 1. Change the thresholds on ``runtime.THREADS``."""
 
     train_work: float = TRAIN_PARALLEL_WORK
     decode_work: float = PARALLEL_WORK
+    free_cores: Callable[[], float | None] = field(default_factory=FreeCores)
 
-    def threads(self, task: Task, work: float) -> int:
+    def threads(self, task: Task, work: float, most: int | None = None) -> int:
+        """Threads for ``task`` at ``work``; ``most`` is the process's setting (default: torch's now)."""
         if task not in ("train", "evaluate", "decode"):
             raise ValueError(f"unknown task {task!r}: train, evaluate or decode")
         limit = self.decode_work if task == "decode" else self.train_work
-        return torch.get_num_threads() if work >= limit else 1
+        if work < limit:
+            return 1
+        threads = most or torch.get_num_threads()
+        free = None if task == "decode" or threads == 1 else self.free_cores()
+        return threads if free is None else max(1, min(threads, round(free)))
 
 
 THREADS = ThreadPolicy()
@@ -114,10 +160,10 @@ def bf16_supported(device: torch.device) -> bool:
     return bool((check and check()) or (amx and amx()))
 
 
-def threads_for(work: float, task: Task = "decode") -> int:
-    """Intra-op threads for a ``task`` whose ops do about ``work`` multiply-adds each (``THREADS``
-    decides)."""
-    return THREADS.threads(task, work)
+def threads_for(work: float, task: Task = "decode", most: int | None = None) -> int:
+    """Intra-op threads for a ``task`` whose ops do about ``work`` multiply-adds each, at most
+    ``most`` (default: torch's setting now); ``THREADS`` decides."""
+    return THREADS.threads(task, work, most)
 
 
 @contextmanager

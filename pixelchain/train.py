@@ -69,6 +69,10 @@ def _option(default: Any, rule: str, help: str) -> Any:
     return field(default=default, metadata={"rule": rule, "help": help})
 
 
+# seconds between two looks at how many cores other processes leave free (runtime.THREADS)
+THREADS_RECHECK = 10.0
+
+
 @dataclass
 class TrainOptions:
     """How ``fit`` trains. Each field is a ``pixelchain train`` flag (``batch_size`` -> ``--batch-size``)
@@ -291,7 +295,9 @@ class Trainer:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=options.amp and runtime.bf16_supported(self.device))
         # perf_counter() at this call's start, at the run's (less the time of earlier calls), at the last checkpoint
-        self.session_start = self.start = self.last_checkpoint = 0.0
+        self.session_start = self.start = self.last_checkpoint = self.threads_checked = 0.0
+        self.work = float("inf")  # multiply-adds of one op of a training step (model.op_work)
+        self.most_threads = torch.get_num_threads()  # the caller's setting: the most threads training takes
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -441,6 +447,10 @@ class Trainer:
                 self.last_checkpoint = time.perf_counter()
             if stop:
                 break
+            if now - self.threads_checked >= THREADS_RECHECK:
+                # (intra_op_threads restores the caller's setting afterwards)
+                torch.set_num_threads(threads_for(self.work, "train", self.most_threads))
+                self.threads_checked = now
         bar.close()
         return state["batch"] >= len(batches)
 
@@ -457,9 +467,11 @@ class Trainer:
         self.session_start = time.perf_counter()
         self.start, self.last_checkpoint = self.session_start - state["elapsed"], self.session_start
         self.model.train()
-        # every core for ops large enough to gain from them (runtime.THREADS decides)
-        work = self.model.op_work(opts.batch_size) if hasattr(self.model, "op_work") else float("inf")
-        with _stop_on_signals(self.flag), intra_op_threads(threads_for(work, "train")):
+        # the cores other processes leave free, for ops large enough to gain from them (runtime.THREADS
+        # decides; train_epoch asks again every THREADS_RECHECK seconds)
+        self.work = self.model.op_work(opts.batch_size) if hasattr(self.model, "op_work") else float("inf")
+        self.most_threads = torch.get_num_threads()
+        with _stop_on_signals(self.flag), intra_op_threads(threads_for(self.work, "train")):
             while state["epoch"] < opts.epochs and not state["finished"] and not (
                     opts.max_steps is not None and state["step"] >= opts.max_steps):
                 if not self.train_epoch():

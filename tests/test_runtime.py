@@ -1,5 +1,6 @@
 """Process settings: glibc's allocator thresholds and the device."""
 
+import os
 import sys
 
 import pytest
@@ -70,21 +71,38 @@ def test_decoding_runs_small_steps_at_one_thread_and_restores_the_setting(two_th
     assert torch.get_num_threads() == 2
 
 
-def test_thread_policy_gives_training_and_evaluation_the_cores_and_decoding_one(two_threads):
+def test_thread_policy_gives_training_and_evaluation_the_free_cores_and_decoding_one(two_threads, monkeypatch):
     small, medium = runtime.TRAIN_PARALLEL_WORK - 1, runtime.TRAIN_PARALLEL_WORK
+    monkeypatch.setattr(runtime.THREADS, "free_cores", lambda: 2.0)  # an idle 2-core machine
     assert runtime.threads_for(small, "train") == 1 and runtime.threads_for(medium, "train") == 2
-    assert runtime.threads_for(medium, "evaluate") == 2
+    assert runtime.threads_for(medium, "evaluate") == 2 and runtime.threads_for(medium, "train", most=1) == 1
     assert runtime.threads_for(medium, "decode") == 1 and runtime.threads_for(runtime.PARALLEL_WORK, "decode") == 2
+    monkeypatch.setattr(runtime.THREADS, "free_cores", lambda: 1.2)  # another process holds a core
+    assert runtime.threads_for(medium, "train") == 1 and runtime.threads_for(medium, "evaluate") == 1
+    assert runtime.threads_for(runtime.PARALLEL_WORK, "decode") == 2  # decoding does not look
+    monkeypatch.setattr(runtime.THREADS, "free_cores", lambda: None)  # no /proc: the process's setting
+    assert runtime.threads_for(medium, "train") == 2
     with pytest.raises(ValueError, match="unknown task"):
         runtime.threads_for(medium, "sampling")
 
 
-@pytest.mark.parametrize("train_work, expected", [(0.0, 2), (float("inf"), 1)])
-def test_fit_trains_at_the_policys_threads_and_restores_the_setting(two_threads, monkeypatch, train_work, expected):
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat")
+def test_free_cores_reads_a_number_of_cores():
+    free = runtime.FreeCores(interval=0.0)
+    for _ in range(2):
+        assert 0.0 <= free() <= os.cpu_count()
+
+
+@pytest.mark.parametrize("free, train_work, expected", [(2.0, 0.0, 2), (2.0, float("inf"), 1), (1.0, 0.0, 1)])
+def test_fit_trains_at_the_policys_threads_and_restores_the_setting(two_threads, monkeypatch, free, train_work,
+                                                                    expected):
     import pixelchain as pc
+    from pixelchain import train
     from pixelchain.data import ImageDataset
 
     monkeypatch.setattr(runtime.THREADS, "train_work", train_work)
+    monkeypatch.setattr(runtime.THREADS, "free_cores", lambda: free)
+    monkeypatch.setattr(train, "THREADS_RECHECK", 0.0)  # asked again at every step
     images = torch.randint(0, 2, (8, 1, 3, 3))
     model = pc.create("pixelcnn", (1, 3, 3), 2, channels=4, num_blocks=1, head_channels=4)
     seen = []
@@ -93,7 +111,7 @@ def test_fit_trains_at_the_policys_threads_and_restores_the_setting(two_threads,
         seen.append(torch.get_num_threads())
         return torch.zeros(())
 
-    pc.fit(model, ImageDataset(images, 2, name="tiny"), None, epochs=1, batch_size=4, penalty=penalty)
+    pc.fit(model, ImageDataset(images, 2, name="tiny"), None, epochs=2, batch_size=2, penalty=penalty)
     assert set(seen) == {expected} and torch.get_num_threads() == 2
 
 
