@@ -38,6 +38,8 @@ from pixelchain.cli import load_split
 from pixelchain.run_dir import METRICS, RESULT, STATE, RunDir
 from pixelchain.train import write_trainer_state
 
+RESERVE = 60.0  # seconds a slice needs beyond its training: start-up, the test split, the record
+
 
 @dataclass(frozen=True)
 class Job:
@@ -147,11 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     end = time.monotonic() + args.budget
     active = [j for j in jobs if status(j)[1]]
-    while active and end - time.monotonic() > 120:
+    while active:
         for job in list(active):
-            seconds = min(args.slice, end - time.monotonic() - 60)
-            if seconds < 60:
-                break
+            seconds = min(args.slice, end - time.monotonic() - RESERVE)
+            if seconds < min(args.slice, RESERVE):
+                return
             log = runs / f"{job.name}.log"
             print(f"{time.strftime('%H:%M:%S')} {job.name}: {seconds:.0f} s (log {log})", flush=True)
             with open(log, "a") as out:
