@@ -163,7 +163,7 @@ def evaluate(model: nn.Module, dataset: ImageDataset, batch_size: int = 256, pro
 
 
 # ----------------------------------------------------------------------------- trainer state
-def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState) -> None:
     """Weights, optimiser tensors and RNG in one safetensors file, the rest as JSON metadata."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     optim = optimizer.state_dict()
@@ -173,10 +173,10 @@ def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    RunDir(path.parent).write_state(tensors, {**state, "param_groups": optim["param_groups"]})
+    RunDir(path.parent).write_state(tensors, {**asdict(state), "param_groups": optim["param_groups"]})
 
 
-def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainerState:
     """Restore model, optimiser and RNG from a trainer state; returns the position. ValueError names
     the file when it is damaged or belongs to another model or optimiser."""
     device = next(model.parameters()).device
@@ -194,13 +194,51 @@ def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) 
         raise ValueError(f"{path} does not match this model's optimiser (or is damaged): {error}") from None
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return meta
+    return TrainerState.from_json(meta)
 
 
-def _new_state() -> dict:
-    """The trainer's position before its first step (saved as JSON in the trainer state)."""
-    return {"step": 0, "epoch": 0, "batch": 0, "best_valid": None, "bad_evals": 0, "elapsed": 0.0,
-            "images": 0, "finished": False, "early_stopped": False, "train_nll": None, "evaluated_step": -1}
+@dataclass
+class TrainerState:
+    """Where a run stands: its position, its best validation NLL and whether it is done. Saved as
+    the JSON metadata of trainer_state.safetensors (the field names are the file's keys)."""
+
+    step: int = 0
+    epoch: int = 0  # completed epochs
+    batch: int = 0  # batches of the current epoch already taken
+    best_valid: float | None = None  # nats
+    bad_evals: int = 0  # evaluations since the best one
+    elapsed: float = 0.0  # training seconds over every call
+    images: int = 0
+    finished: bool = False  # its epochs ran out, or early stopping
+    early_stopped: bool = False
+    train_nll: float | None = None  # running mean over the epoch's steps
+    evaluated_step: int = -1  # the step of the last evaluation the record holds
+
+    @classmethod
+    def from_json(cls, meta: dict) -> TrainerState:
+        """The state of a trainer state's metadata; older files lack the later fields."""
+        known = {f.name for f in fields(cls)}
+        state = cls(**{k: v for k, v in meta.items() if k in known})
+        if "early_stopped" not in meta:  # did it ever get worse?
+            state.early_stopped = state.bad_evals > 0
+        if "evaluated_step" not in meta:
+            state.evaluated_step = state.step
+        return state
+
+    def stop_reason(self, options: TrainOptions, seconds: float, signal: int = 0) -> str | None:
+        """Why training should stop now, after ``seconds`` of this call: None to go on, else the
+        reason ("signal", "finished", "epochs", "max_steps", "max_time"). The one place that decides."""
+        if signal:
+            return "signal"
+        if self.finished:
+            return "finished"
+        if self.epoch >= options.epochs:
+            return "epochs"
+        if options.max_steps is not None and self.step >= options.max_steps:
+            return "max_steps"
+        if options.max_time is not None and seconds >= options.max_time:
+            return "max_time"
+        return None
 
 
 def write_trainer_state(run_dir: str | Path, model: nn.Module, *, lr: float, weight_decay: float = 0.0,
@@ -209,12 +247,11 @@ def write_trainer_state(run_dir: str | Path, model: nn.Module, *, lr: float, wei
     Adam moments at learning rate ``lr``, and ``position`` (``step``, ``epoch``, ``batch``,
     ``elapsed`` seconds, ``images``, ``best_valid`` nats). For runs whose optimiser state is gone,
     e.g. a shipped checkpoint that kept its weights and record but not its trainer state."""
-    state = _new_state()
-    unknown = set(position) - set(state)
+    unknown = set(position) - {f.name for f in fields(TrainerState)}
     if unknown:
         raise ValueError(f"unknown trainer position fields: {sorted(unknown)}")
-    state.update(position)
-    state["evaluated_step"] = state["step"]  # the record ends with that step's evaluation
+    state = TrainerState(**position)
+    state.evaluated_step = state.step  # the record ends with that step's evaluation
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     _save_state(Path(run_dir) / STATE, model, adam(model, lr, weight_decay), state)
 
@@ -285,7 +322,7 @@ class Trainer:
         self.resume, self.progress, self.info, self.monitor, self.penalty = resume, progress, info, monitor, penalty
         self.device = next(model.parameters()).device
         self.optimizer = adam(model, options.lr, options.weight_decay)
-        self.state = _new_state()
+        self.state = TrainerState()
         self.best: dict[str, Tensor] | None = None  # in-memory copy of the best weights
         self.flag = {"stop": 0}  # the signal that asked to stop
         self.net: nn.Module = torch.compile(model) if options.compile else model
@@ -310,17 +347,15 @@ class Trainer:
                 raise FileNotFoundError(f"nothing to resume: {run / STATE} does not exist")
             recorded = run.read_config().get("train", {}) if (run / CONFIG).is_file() else {}
             self._check_unchanged(recorded, ["weight_decay"], "its optimiser was built with it")
-            self.state = _load_state(run / STATE, self.model, self.optimizer)
-            if self.state["batch"]:
+            state = self.state = _load_state(run / STATE, self.model, self.optimizer)
+            if state.batch:
                 self._check_unchanged(recorded, ["batch_size", "processes", "seed"], f"it stopped inside epoch "
-                                      f"{self.state['epoch'] + 1}, whose batches depend on it")
-            state = self.state
-            early = state.get("early_stopped", state["bad_evals"] > 0)  # older states: did it ever get worse?
-            if state["finished"] and not early and state["epoch"] < opts.epochs:
-                state["finished"] = False  # it ran out of epochs, and this call gives it more
+                                      f"{state.epoch + 1}, whose batches depend on it")
+            if state.finished and not state.early_stopped and state.epoch < opts.epochs:
+                state.finished = False  # it ran out of epochs, and this call gives it more
             if any(recorded.get(k, getattr(opts, k)) != getattr(opts, k) for k in ("lr", "lr_decay")):
                 for group in self.optimizer.param_groups:  # honour a new schedule from this epoch on
-                    group["lr"] = opts.lr * opts.lr_decay ** self.state["epoch"]
+                    group["lr"] = opts.lr * opts.lr_decay ** state.epoch
         elif (run / STATE).exists():
             raise FileExistsError(f"{run.path} already holds a run: resume it (resume=True) or choose a new run_dir")
         if self.main:
@@ -331,7 +366,7 @@ class Trainer:
             if self.resume:
                 # Drop evaluations the checkpoint we resume from does not hold (logged after it was
                 # written, possibly at its own step): they will be redone.
-                run.keep_metrics_until(self.state.get("evaluated_step", self.state["step"]))
+                run.keep_metrics_until(self.state.evaluated_step)
 
     def _check_unchanged(self, recorded: dict, keys: list[str], why: str) -> None:
         """Reject a resumed run's option changes it cannot honour (the ones it can, it does)."""
@@ -352,19 +387,19 @@ class Trainer:
     def evaluate_and_select(self, epoch: float) -> None:
         """Validation (best weights, early stopping) and monitored splits; one metrics line."""
         state, opts, main = self.state, self.options, self.main
-        record = {"step": state["step"], "epoch": round(epoch, 4), "train_nll": state["train_nll"],
-                  "time": round(state["elapsed"], 2), "lr": self.optimizer.param_groups[0]["lr"]}
+        record = {"step": state.step, "epoch": round(epoch, 4), "train_nll": state.train_nll,
+                  "time": round(state.elapsed, 2), "lr": self.optimizer.param_groups[0]["lr"]}
         save = self.valid is None
         if self.valid is not None:
             metrics = evaluate(self.model, self.valid, opts.eval_batch_size)
             record.update({f"valid_{k}": v for k, v in metrics.items() if k != "n"})
-            if state["best_valid"] is None or metrics["nll"] < state["best_valid"]:
-                state["best_valid"], state["bad_evals"], save = metrics["nll"], 0, True
+            if state.best_valid is None or metrics["nll"] < state.best_valid:
+                state.best_valid, state.bad_evals, save = metrics["nll"], 0, True
                 self.best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             else:
-                state["bad_evals"] += 1
-                if opts.patience is not None and state["bad_evals"] >= opts.patience:
-                    state["finished"] = state["early_stopped"] = True
+                state.bad_evals += 1
+                if opts.patience is not None and state.bad_evals >= opts.patience:
+                    state.finished = state.early_stopped = True
             if main and self.progress:
                 tqdm.write(f"epoch {epoch:g}: valid NLL {metrics['nll']:.3f} nats"
                            + (f", {metrics['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in metrics else "")
@@ -374,15 +409,14 @@ class Trainer:
         for name, dataset in (self.monitor or {}).items():
             extra = evaluate(self.model, dataset, opts.eval_batch_size)
             record.update({f"{name}_{k}": v for k, v in extra.items() if k != "n"})
-        state["evaluated_step"] = state["step"]
+        state.evaluated_step = state.step
         if main and self.run_dir is not None:
             self.run_dir.append_metrics(record)
 
     # ----------------------------------------------------------------- one epoch
-    def _out_of_budget(self) -> bool:
-        opts = self.options
-        return (opts.max_time is not None and time.perf_counter() - self.session_start >= opts.max_time) or (
-            opts.max_steps is not None and self.state["step"] >= opts.max_steps)
+    def stop_reason(self) -> str | None:
+        """Why training should stop now (``TrainerState.stop_reason``), or None."""
+        return self.state.stop_reason(self.options, time.perf_counter() - self.session_start, self.flag["stop"])
 
     def step(self, idx: Tensor, batch: int, epoch: int) -> Tensor:
         """One optimiser step on the images ``idx``; returns the batch's mean NLL (a tensor)."""
@@ -400,7 +434,7 @@ class Trainer:
         if not torch.isfinite(objective):
             where = f"{self.run_dir / STATE}" if self.run_dir is not None else "nothing (no run_dir)"
             raise TrainingDiverged(
-                f"the loss became {objective.item()} at step {self.state['step'] + 1} (epoch {epoch + 1}); "
+                f"the loss became {objective.item()} at step {self.state.step + 1} (epoch {epoch + 1}); "
                 f"training stopped and the last checkpoint ({where}) is intact. Lower the learning "
                 "rate or set grad_clip, then resume."
             )
@@ -414,34 +448,34 @@ class Trainer:
     def train_epoch(self) -> bool:
         """Train the rest of the current epoch; returns False when it stopped inside the epoch."""
         state, opts, world = self.state, self.options, self.world
-        epoch = state["epoch"]
+        epoch = state.epoch
         order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(opts.seed * 100003 + epoch))
         order = order[: len(order) - len(order) % world][self.rank :: world]
         batches = order.split(opts.batch_size)
-        bar = tqdm(total=len(batches), initial=state["batch"], desc=f"epoch {epoch + 1}/{opts.epochs}",
+        bar = tqdm(total=len(batches), initial=state.batch, desc=f"epoch {epoch + 1}/{opts.epochs}",
                    disable=not (self.progress and self.main), unit="batch", dynamic_ncols=True)
-        for b in range(state["batch"], len(batches)):
+        for b in range(state.batch, len(batches)):
             loss = self.step(batches[b], b, epoch)
-            state["step"] += 1
-            state["batch"] = b + 1
-            state["images"] += len(batches[b]) * world
+            state.step += 1
+            state.batch = b + 1
+            state.images += len(batches[b]) * world
             now = time.perf_counter()
-            state["elapsed"] = now - self.start
-            stop = bool(self.flag["stop"]) or self._out_of_budget()
+            state.elapsed = now - self.start
+            stop = self.stop_reason() is not None
             value = loss.item()
             if world > 1:  # the mean loss over every process, and every process stops at the same step
                 reduced = torch.tensor([value, float(stop)], dtype=torch.float64, device=self.device)
                 dist.all_reduce(reduced)
                 value, stop = reduced[0].item() / world, bool(reduced[1].item())
-            running = state["train_nll"]
-            running = state["train_nll"] = value if running is None or b == 0 else 0.98 * running + 0.02 * value
+            running = state.train_nll
+            running = state.train_nll = value if running is None or b == 0 else 0.98 * running + 0.02 * value
             bar.set_postfix(nll=f"{running:.2f}", bpd=f"{running / (self.model.num_dims * math.log(2)):.4f}"
                             if self.model.kind == "density" else None, refresh=False)
             bar.update()
-            evaluated = bool(opts.eval_every) and state["step"] % opts.eval_every == 0 and b + 1 < len(batches)
+            evaluated = bool(opts.eval_every) and state.step % opts.eval_every == 0 and b + 1 < len(batches)
             if evaluated:
                 self.evaluate_and_select(epoch + (b + 1) / len(batches))
-                stop = stop or state["finished"]
+                stop = stop or state.finished
             if stop or evaluated or now - self.last_checkpoint >= opts.checkpoint_seconds:
                 self.checkpoint()
                 self.last_checkpoint = time.perf_counter()
@@ -452,7 +486,7 @@ class Trainer:
                 torch.set_num_threads(threads_for(self.work, "train", self.most_threads))
                 self.threads_checked = now
         bar.close()
-        return state["batch"] >= len(batches)
+        return state.batch >= len(batches)
 
     # ----------------------------------------------------------------- the run
     def run(self) -> dict:
@@ -465,29 +499,26 @@ class Trainer:
     def _loop(self) -> dict:
         state, opts = self.state, self.options
         self.session_start = time.perf_counter()
-        self.start, self.last_checkpoint = self.session_start - state["elapsed"], self.session_start
+        self.start, self.last_checkpoint = self.session_start - state.elapsed, self.session_start
         self.model.train()
         # the cores other processes leave free, for ops large enough to gain from them (runtime.THREADS
         # decides; train_epoch asks again every THREADS_RECHECK seconds)
         self.work = self.model.op_work(opts.batch_size) if hasattr(self.model, "op_work") else float("inf")
         self.most_threads = torch.get_num_threads()
         with _stop_on_signals(self.flag), intra_op_threads(threads_for(self.work, "train")):
-            while state["epoch"] < opts.epochs and not state["finished"] and not (
-                    opts.max_steps is not None and state["step"] >= opts.max_steps):
+            while self.stop_reason() is None:
                 if not self.train_epoch():
                     break
-                state["epoch"], state["batch"] = state["epoch"] + 1, 0
+                state.epoch, state.batch = state.epoch + 1, 0
                 for group in self.optimizer.param_groups:
                     group["lr"] *= opts.lr_decay
-                self.evaluate_and_select(state["epoch"])
-                state["finished"] = state["finished"] or state["epoch"] >= opts.epochs
+                self.evaluate_and_select(state.epoch)
+                state.finished = state.finished or state.epoch >= opts.epochs
                 self.checkpoint()
                 self.last_checkpoint = time.perf_counter()
-                if self.flag["stop"] or self._out_of_budget():
-                    break
         if self.flag["stop"]:
             if self.main:
-                tqdm.write(f"interrupted at step {state['step']}; checkpoint saved, resume to continue")
+                tqdm.write(f"interrupted at step {state.step}; checkpoint saved, resume to continue")
             raise Interrupted(self.flag["stop"])
         run = self.run_dir
         if self.best is None and self.valid is not None and run is not None and (run / WEIGHTS).exists():
@@ -495,12 +526,12 @@ class Trainer:
         if self.best is not None:
             load_weights(self.model, self.best, run / WEIGHTS if run is not None else Path(WEIGHTS))
         return {
-            "step": state["step"],
-            "epoch": state["epoch"],
-            "finished": state["finished"],
-            "best_valid": state["best_valid"],
-            "elapsed": state["elapsed"],
-            "images_per_s": state["images"] / max(state["elapsed"], 1e-9),
+            "step": state.step,
+            "epoch": state.epoch,
+            "finished": state.finished,
+            "best_valid": state.best_valid,
+            "elapsed": state.elapsed,
+            "images_per_s": state.images / max(state.elapsed, 1e-9),
         }
 
 
@@ -545,5 +576,5 @@ def fit(
                    monitor=monitor, penalty=penalty).run()
 
 
-__all__ = ["Interrupted", "TrainOptions", "Trainer", "TrainingDiverged", "adam", "evaluate", "fit",
+__all__ = ["Interrupted", "TrainOptions", "Trainer", "TrainerState", "TrainingDiverged", "adam", "evaluate", "fit",
            "write_trainer_state"]

@@ -55,7 +55,7 @@ def test_killed_between_logging_and_checkpointing_logs_each_evaluation_once(digi
         pass
 
     def save_then_die_after_epoch_1(path, model, optimizer, state):
-        if state["epoch"] == 1 and state["batch"] == 0:  # the checkpoint that follows epoch 1's log line
+        if state.epoch == 1 and state.batch == 0:  # the checkpoint that follows epoch 1's log line
             raise Killed
         real_save(path, model, optimizer, state)
 
@@ -127,7 +127,7 @@ def test_nan_loss_stops_with_a_clear_error_and_an_intact_checkpoint(digits, tmp_
     assert all(torch.isfinite(v).all() for v in saved.values())
     state = pc.train._load_state(tmp_path / "run" / STATE, new_model(digits, "fully_visible", {}),
                                  torch.optim.Adam(model.parameters()))
-    assert state["step"] == 5
+    assert state.step == 5
 
 
 def test_dataset_must_match_the_model(digits):
