@@ -47,7 +47,7 @@ def naive_seconds(model, batch: int, steps: int, policy=None) -> float:
     x = torch.zeros(batch, *model.image_shape, dtype=torch.long)
     decoder, policy = NaiveDecoder(model, x), policy or Sample(torch.Generator().manual_seed(0))
     order = model.decoding_order()
-    with torch.no_grad(), intra_op_threads(threads_for(model.op_work(batch))):
+    with torch.no_grad(), intra_op_threads(threads_for(model.op_work(batch), "evaluate")):
         decoder.conditional(0, *order[0])  # warm-up
         start = time.perf_counter()
         for step, (c, h, w) in enumerate(order[:steps]):
@@ -121,7 +121,7 @@ def main() -> None:
         theirs = peer.build(peer_models, PEER_OF[label]).eval() if peer_models and label in PEER_OF else None
         for batch in args.batches:
             x = torch.randint(0, 2, (batch, 1, 28, 28))
-            with torch.no_grad(), intra_op_threads(threads_for(model.op_work(batch))):  # as log_prob runs it
+            with torch.no_grad(), intra_op_threads(threads_for(model.op_work(batch), "evaluate")):  # as log_prob
                 forward = median_time(lambda: model(x), repeats=3, warmup=1)  # noqa: B023
             naive = naive_seconds(model, batch, args.naive_steps)
             model.sample(batch)  # warm-up
@@ -163,7 +163,7 @@ def purify_row(batch: int, naive_steps: int) -> str:
     model = pc.create("pixelcnn_pp", (1, 28, 28), 256, **PURIFIER).eval()
     x = torch.randint(0, 256, (batch, 1, 28, 28), generator=torch.Generator().manual_seed(0))
     policy = MostLikelyInWindow(x, 16)
-    with torch.no_grad(), intra_op_threads(threads_for(model.op_work(batch))):
+    with torch.no_grad(), intra_op_threads(threads_for(model.op_work(batch), "evaluate")):
         forward = median_time(lambda: model(x), repeats=3, warmup=1)
     cached = timed(lambda: decode(model, x, policy))
     naive = naive_seconds(model, batch, naive_steps, policy)

@@ -4,9 +4,10 @@
 
 Each row is timed with the machine as it is ("idle") and with a busy-loop process pinned on one
 core (``taskset -c 1``), and the ratio loaded / idle printed; once with the intra-op threads the
-library chooses by work size (``runtime.threads_for``: one thread for the small ops of a cached
-decoding step or a small model) and once with every op at the process setting (``--threads``, the
-behaviour before: ``runtime.PARALLEL_WORK = 0``). Writes BENCHMARKS.md's "load" section.
+library's policy chooses (``runtime.THREADS``: one thread for the small ops of a cached decoding
+step or a small model, and for training and evaluation no more threads than the cores other
+processes leave free) and once with every op at the process setting (``--threads``).
+Writes BENCHMARKS.md's "load" section.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def busy_core(core: int = 1) -> Iterator[None]:
     """A busy-loop process pinned on ``core`` for the duration of the block."""
     loop = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-c", "while True: pass"])
     try:
-        time.sleep(0.5)
+        time.sleep(1.5)  # longer than the policy's look at the free cores (runtime.FreeCores)
         yield
     finally:
         loop.kill()
@@ -70,7 +71,7 @@ def task(kind: str, name: str, hparams: dict, batch: int) -> Callable[[], object
     optimizer = adam(model, lr=1e-4)
 
     def step() -> None:
-        with intra_op_threads(threads_for(model.op_work(batch))):  # what pc.fit does
+        with intra_op_threads(threads_for(model.op_work(batch), "train")):  # what pc.fit does
             loss = -model.log_prob(x).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -121,7 +122,8 @@ def main() -> None:
     args = parser.parse_args()
     runtime.configure_allocator()
     torch.set_num_threads(args.threads)
-    chosen = runtime.PARALLEL_WORK
+    library = runtime.THREADS
+    everywhere = runtime.ThreadPolicy(train_work=0, decode_work=0, free_cores=lambda: None)
     lines = ["| row | library's threads: idle (s) | one core busy (s) | loaded / idle "
              f"| {args.threads} threads everywhere: idle (s) | one core busy (s) | loaded / idle |",
              "|---|---|---|---|---|---|---|"]
@@ -131,13 +133,13 @@ def main() -> None:
         fn = task(kind, name, hparams, batch)
         fn()  # warm-up
         cells = []
-        for parallel_work in (chosen, 0):
-            runtime.PARALLEL_WORK = parallel_work
+        for policy in (library, everywhere):
+            runtime.THREADS = policy
             idle = seconds(fn, args.repeats, args.limit)
             with busy_core():
                 loaded = seconds(fn, args.repeats, args.limit)
             cells.append(cell(idle, loaded, args.limit))
-        runtime.PARALLEL_WORK = chosen
+        runtime.THREADS = library
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
         write(args, lines)  # after every row: a run cut short leaves the rows it measured

@@ -116,7 +116,7 @@ def main() -> None:
         optimizer = adam(model, lr=1e-4)
         theirs = peer.build(peer_models, name) if peer_models else None
         their_optimizer = torch.optim.Adam(theirs.parameters(), lr=1e-4) if theirs else None
-        threads = threads_for(model.op_work(batch))  # what pc.fit runs the model with
+        threads = threads_for(model.op_work(batch), "train")  # what pc.fit runs the model with
         params = sum(p.numel() for p in model.parameters())
         for mode in [m for m in args.modes if m == "eager" or name in COMPILED]:
             net = torch.compile(model) if mode == "compiled" else model
