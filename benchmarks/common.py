@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pixelchain import runtime
+from pixelchain.train import write_trainer_state
 
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 # What each benchmark run measured (result.json, metrics.jsonl), committed: run directories stay on
@@ -35,6 +37,18 @@ def keep_record(run_dir: Path, table: str) -> Path:
         if (run_dir / name).is_file():
             shutil.copy(run_dir / name, record / name)
     return record
+
+
+def write_shipped_position(run_dir: Path, model: torch.nn.Module, result: dict, train: dict, images: int) -> None:
+    """A trainer state in ``run_dir`` that continues a shipped run: ``model``'s weights, the position
+    its ``result`` records (step, epoch, time, the learning rate of its schedule ``train`` at that
+    epoch, with ``images`` training images an epoch), fresh Adam moments."""
+    epoch, batch = divmod(result["steps"], math.ceil(images / train["batch_size"]))
+    write_trainer_state(
+        run_dir, model, lr=train["lr"] * train.get("lr_decay", 1.0) ** epoch,
+        weight_decay=train.get("weight_decay", 0.0), step=result["steps"], epoch=epoch, batch=batch,
+        elapsed=result["train_seconds"], images=round(result["images_per_s"] * result["train_seconds"]),
+        best_valid=result["best_valid_nll"])
 
 
 def machine() -> str:

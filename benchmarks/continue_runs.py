@@ -22,7 +22,6 @@ leaves free) and bf16 autocast where the CPU runs it natively (``--no-amp`` to t
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import subprocess
@@ -32,11 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pixelchain as pc
-from benchmarks.common import RECORDS
+from benchmarks.common import RECORDS, write_shipped_position
 from pixelchain.checkpoint import PRETRAINED_DIR
 from pixelchain.cli import load_split
 from pixelchain.run_dir import METRICS, RESULT, STATE, RunDir
-from pixelchain.train import write_trainer_state
 
 RESERVE = 60.0  # seconds a slice needs beyond its training: start-up, the test split, the record
 
@@ -85,13 +83,7 @@ def seed_from_shipped(job: Job, run_dir: Path) -> None:
     record = RECORDS / job.table / job.name / METRICS
     if record.is_file():
         shutil.copy(record, run_dir / METRICS)
-    images = len(load_split(config["dataset"], "train"))
-    epoch, batch = divmod(result["steps"], math.ceil(images / train["batch_size"]))
-    write_trainer_state(
-        run_dir, model, lr=train["lr"] * train.get("lr_decay", 1.0) ** epoch,
-        weight_decay=train.get("weight_decay", 0.0), step=result["steps"], epoch=epoch, batch=batch,
-        elapsed=result["train_seconds"], images=round(result["images_per_s"] * result["train_seconds"]),
-        best_valid=result["best_valid_nll"])
+    write_shipped_position(run_dir, model, result, train, len(load_split(config["dataset"], "train")))
 
 
 def command(job: Job, runs: Path, seconds: float, amp: bool) -> list[str]:

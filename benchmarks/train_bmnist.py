@@ -28,12 +28,15 @@ from pathlib import Path
 import torch
 
 import pixelchain as pc
-from benchmarks.common import RECORDS  # (importing benchmarks.common also points at the local data)
+from benchmarks.common import (  # (importing benchmarks.common also points at the local data)
+    RECORDS,
+    write_shipped_position,
+)
 from pixelchain import runtime
 from pixelchain.checkpoint import PRETRAINED_DIR
 from pixelchain.plots import write_figures
 from pixelchain.run_dir import METRICS, RESULT, STATE, RunDir, result_record
-from pixelchain.train import Interrupted, write_trainer_state
+from pixelchain.train import Interrupted
 
 # name -> (model, hyperparameters, training settings). Sizes follow the papers where they give
 # them for binarized MNIST, else are chosen to train in minutes on one GPU.
@@ -119,12 +122,7 @@ def start_from_shipped(preset: str, run_dir: Path, model: torch.nn.Module, setti
     record = RECORDS / "bmnist" / preset / METRICS
     if record.is_file():  # evaluations after the shipped step are dropped when the run resumes
         shutil.copy(record, run_dir / METRICS)
-    epoch, batch = divmod(result["steps"], math.ceil(train_images / settings["batch_size"]))
-    write_trainer_state(
-        run_dir, model, lr=settings["lr"] * settings.get("lr_decay", 1.0) ** epoch,
-        weight_decay=settings.get("weight_decay", 0.0), step=result["steps"], epoch=epoch, batch=batch,
-        elapsed=result["train_seconds"], images=round(result["images_per_s"] * result["train_seconds"]),
-        best_valid=result["best_valid_nll"])
+    write_shipped_position(run_dir, model, result, settings, train_images)
 
 
 def main(argv: list[str] | None = None) -> dict:
