@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from . import attacks, checkpoint, data, defend, plots, runtime
-from . import compress as coding
+from . import codec
 from .classifiers import Classifier, list_classifiers
 from .models import list_models
 from .models.base import DECODE_BATCH
@@ -83,7 +83,7 @@ def density_model(run: str, device: torch.device) -> torch.nn.Module:
 
 def output_path(run: str, out: str | None, filename: str) -> Path:
     """--out, or the run directory's figure; for a shipped checkpoint NAME_FILENAME in the current
-    directory (never the installed package). Its folder must exist: checked before decoding."""
+    directory (never the installed package). Its folder must exist: checked before decodec."""
     if out is not None:
         path = Path(out)
     elif checkpoint.is_shipped(run):
@@ -332,7 +332,7 @@ def cmd_purify(args) -> None:
 
 
 def cmd_compress(args) -> None:
-    model, _ = coding.resolve_model(args.run)  # its errors (a classifier, a missing run) before reading images
+    model, _ = codec.resolve_model(args.run)  # its errors (a classifier, a missing run) before reading images
     x = read_images(args.images, model.image_shape[0])
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -340,12 +340,12 @@ def cmd_compress(args) -> None:
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent} does not exist: create it or choose another --out")
     start = time.perf_counter()
-    blob = coding.compress(args.run, x, batch_size=args.batch_size, progress=True)
+    blob = codec.compress(args.run, x, batch_size=args.batch_size, progress=True)
     elapsed = time.perf_counter() - start
     partial = out.with_name(out.name + ".partial")
     partial.write_bytes(blob)
     partial.replace(out)
-    payload, rest = coding.payload_bits(blob)
+    payload, rest = codec.payload_bits(blob)
     print(f"{len(x)} images in {elapsed:.1f} s ({len(x) / elapsed:.1f} images/s): {len(blob):,} bytes, "
           f"{payload / x.numel():.4f} bits/dim coded + {rest // 8} bytes of header -> {out}")
 
@@ -357,9 +357,9 @@ def cmd_decompress(args) -> None:
         raise ValueError(f"{npy} exists: choose another --out or pass --force to overwrite it")
     blob = Path(args.file).read_bytes()
     start = time.perf_counter()
-    images = coding.decompress(blob, args.model, progress=True)
+    images = codec.decompress(blob, args.model, progress=True)
     elapsed = time.perf_counter() - start
-    levels = int(coding.read_header(blob)[0]["num_levels"])
+    levels = int(codec.read_header(blob)[0]["num_levels"])
     out.mkdir(parents=True, exist_ok=True)
     save_levels(npy, images, levels)
     if args.png:  # greyscale stays one channel, so the folder reads back as the same images (256 levels)
@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="density model: run directory or shipped checkpoint name")
     p.add_argument("images", help=images_help)
     p.add_argument("--out", required=True, help="the compressed file")
-    p.add_argument("--batch-size", type=positive, default=coding.DEFAULT_CHUNK,
+    p.add_argument("--batch-size", type=positive, default=codec.DEFAULT_CHUNK,
                    help="images coded at once (recorded in the file; decompression uses the same)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(func=cmd_compress)
