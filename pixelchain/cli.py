@@ -30,8 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import attacks, checkpoint, data, defend, plots, runtime
-from . import codec
+from . import attacks, checkpoint, codec, data, defend, plots, runtime
 from .classifiers import Classifier, list_classifiers
 from .models import list_models
 from .models.base import DECODE_BATCH
@@ -83,7 +82,7 @@ def density_model(run: str, device: torch.device) -> torch.nn.Module:
 
 def output_path(run: str, out: str | None, filename: str) -> Path:
     """--out, or the run directory's figure; for a shipped checkpoint NAME_FILENAME in the current
-    directory (never the installed package). Its folder must exist: checked before decodec."""
+    directory (never the installed package). Its folder must exist: checked before decoding."""
     if out is not None:
         path = Path(out)
     elif checkpoint.is_shipped(run):
