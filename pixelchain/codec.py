@@ -119,12 +119,14 @@ def model_identity(model: nn.Module, shipped: str | None) -> dict:
 
 def shipped_name(model: nn.Module) -> str | None:
     """The shipped checkpoint ``model`` is (same config, same weights), or None."""
-    config = checkpoint.model_config(model)
+    config, digest = checkpoint.model_config(model), None
     for name in checkpoint.pretrained():
-        recorded = checkpoint.read_config(name)
-        if recorded.get("model") == config["model"] and recorded.get("args") == config["args"]:
-            if weights_sha256(checkpoint.load(name)) == weights_sha256(model):
-                return name
+        if checkpoint.read_config(name).get("model") != config["model"]:  # cheap: loads only the candidates
+            continue
+        shipped = checkpoint.load(name)
+        digest = digest or weights_sha256(model)
+        if checkpoint.model_config(shipped) == config and weights_sha256(shipped) == digest:
+            return name
     return None
 
 
