@@ -1,4 +1,5 @@
-"""The command line: ``pixelchain train | eval | sample | complete | attack | detect | purify | list``.
+"""The command line: ``pixelchain train | eval | sample | complete | attack | detect | purify | compress |
+decompress | list``.
 
     pixelchain train gated_pixelcnn --dataset binarized_mnist --run-dir runs/gated --epochs 20
     pixelchain train fvsbn --dataset binarized_mnist --resume --run-dir runs/fvsbn
