@@ -215,10 +215,13 @@ def read_header(data: bytes) -> tuple[dict, bytes]:
         raise ValueError("the compressed file is corrupted or truncated (its SHA-256 checksum does not match)")
     try:
         header = json.loads(body[_PREFIX.size : _PREFIX.size + length])
-        C, H, W = header["image_shape"]
-        words = sum(int(n) for _, n, _ in header["chunks"])
-        count = sum(int(n) for n, _, _ in header["chunks"])
-        header["num_levels"], header["model"]["weights_sha256"]  # noqa: B018 (present)
+        numbers = [*header["image_shape"], header["num_levels"], header["count"],
+                   *(n for chunk in header["chunks"] for n in chunk)]
+        if len(header["image_shape"]) != 3 or not all(isinstance(n, int) and n >= 0 for n in numbers):
+            raise ValueError("sizes must be whole numbers >= 0")
+        words = sum(n for _, n, _ in header["chunks"])
+        count = sum(n for n, _, _ in header["chunks"])
+        str(header["model"]["weights_sha256"])
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"the compressed file's header is malformed: {error}") from None
     payload = body[_PREFIX.size + length :]

@@ -1,6 +1,9 @@
 """Lossless compression (pixelchain.codec): round trips for every family, chunk sizes and thread
 counts, the coder's overhead, and the file checks (corrupt, truncated, foreign, other model)."""
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -128,6 +131,34 @@ def test_other_formats_and_versions_are_refused(compressed, tmp_path):
     newer[8] = codec.VERSION + 1
     with pytest.raises(ValueError, match="version"):
         pc.decompress(bytes(newer), model)
+
+
+def rewrite(data, edit):
+    """The file with its header changed by ``edit(header)`` and its checksum recomputed (a crafted file)."""
+    header, payload = codec.read_header(data)
+    edit(header)
+    head = json.dumps(header).encode()
+    body = codec._PREFIX.pack(codec.MAGIC, codec.VERSION, len(head)) + head + payload
+    return body + hashlib.sha256(body).digest()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h["chunks"][0].__setitem__(0, -2),
+    lambda h: h["chunks"][0].__setitem__(1, h["chunks"][0][1] + 1),
+    lambda h: h.__setitem__("image_shape", [1, 5]),
+    lambda h: h.__setitem__("count", 4),
+    lambda h: h.pop("model"),
+])
+def test_crafted_headers_are_refused(compressed, edit):
+    model, _, data = compressed
+    with pytest.raises(ValueError, match="header"):
+        pc.decompress(rewrite(data, edit), model)
+
+
+def test_header_of_another_shape_is_refused(compressed):
+    model, _, data = compressed
+    with pytest.raises(ValueError, match="image shape or levels"):
+        pc.decompress(rewrite(data, lambda h: h.__setitem__("num_levels", 4)), model)
 
 
 def test_other_model_is_refused(compressed):
