@@ -24,6 +24,11 @@ The range coder (a queue) rather than ANS (a stack): the conditionals come in de
 which is the order a queue decodes in, so the encoder codes each step as it is computed; ANS
 decodes in reverse and would have to keep every step's tables of a chunk (784 x B x K floats).
 
+Why constriction: it is maintained, ships wheels (Rust core), offers both range coding and ANS, and
+codes a batch of symbols each with its own categorical table in one call, quantising float tables
+itself; torchac (L3C) wants int16 CDFs built by the caller and is no longer maintained, craystack is
+research numpy code, CompressAI's rANS is tied to its own indexed CDF tables.
+
 File layout (version 1), all integers little-endian::
 
     MAGIC (8 bytes) | version u16 | header length u32 | header (JSON, UTF-8) |
