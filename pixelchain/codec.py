@@ -26,8 +26,8 @@ decodes in reverse and would have to keep every step's tables of a chunk (784 x 
 
 Why constriction: it is maintained, ships wheels (Rust core), offers both range coding and ANS, and
 codes a batch of symbols each with its own categorical table in one call, quantising float tables
-itself; torchac (L3C) wants int16 CDFs built by the caller and is no longer maintained, craystack is
-research numpy code, CompressAI's rANS is tied to its own indexed CDF tables.
+itself. torchac (L3C's arithmetic coder) and craystack (numpy ANS for bits-back) are research code;
+CompressAI's rANS serves its own indexed CDF tables and comes with that whole library.
 
 File layout (version 1), all integers little-endian::
 
