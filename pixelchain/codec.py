@@ -37,12 +37,14 @@ File layout (version 1), all integers little-endian::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import json
 import math
 import struct
 import zlib
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .decode import DimensionViews, decode
+from .models.base import is_integer
 from .runtime import intra_op_threads
 
 MAGIC = b"PIXCHAIN"
@@ -147,7 +150,8 @@ def resolve_model(model: nn.Module | str | Path) -> tuple[nn.Module, str | None]
                          "models compress")
     if model.num_classes is not None:
         raise ValueError(f"{model.name} is class-conditional: compression supports unconditional models only")
-    model = model.cpu()
+    if model.device.type != "cpu":  # coding runs on the CPU; the caller's model stays where it is
+        model = copy.deepcopy(model).cpu()
     return model, name if name is not None else shipped_name(model)
 
 
@@ -171,7 +175,7 @@ def compress(model: nn.Module | str | Path, x: Tensor, batch_size: int = DEFAULT
     with it, and so does throughput)."""
     constriction = _constriction()
     model, shipped = resolve_model(model)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_integer(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     x, _ = model.check_input(x.cpu() if isinstance(x, Tensor) else x)
     family = constriction.stream.model.Categorical(perfect=False)
@@ -192,9 +196,9 @@ def compress(model: nn.Module | str | Path, x: Tensor, batch_size: int = DEFAULT
         "image_shape": list(model.image_shape),
         "num_levels": model.num_levels,
         "count": len(x),
-        "chunk": batch_size,
+        "chunk": int(batch_size),
         "chunks": chunks,
-        "coder": f"constriction {getattr(constriction, '__version__', '?')} range coder, Categorical(perfect=False)",
+        "coder": f"constriction {metadata.version('constriction')} range coder, Categorical(perfect=False)",
         "torch": torch.__version__,
     }
     head = json.dumps(header, separators=(",", ":")).encode()
