@@ -27,6 +27,7 @@ from pixelchain import checkpoint, codec
 from pixelchain.cli import read_images
 
 MODELS = {"binarized_mnist": "bmnist_gated_pixelcnn", "mnist": None, "fashion_mnist": "fmnist_pixelcnn_pp"}
+TARGETS = {"binarized_mnist": 0.16, "mnist": 1.05, "fashion_mnist": 2.9}  # issue 21: bits/pixel, whole set
 
 
 def codecs():
@@ -129,7 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     models = {**MODELS, **dict(pair.split("=", 1) for pair in args.model)}
     torch.set_num_threads(1)
-    rows = []
+    rows, verdicts = [], []
     for dataset in args.datasets:
         x = read_images(f"{dataset}:test[-{args.n}:]", 1)
         results = measure_codecs(x[:, 0].numpy().astype(np.uint8))
@@ -148,6 +149,14 @@ def main() -> None:
                 f"over -log2 p) | {best / m['file']:.2f}x smaller than {best_name}; round trip "
                 f"{'exact' if m['exact'] else '**NOT exact**'} | {m['compress_ips']:.1f} | {m['decompress_ips']:.1f} "
                 f"({len(x)} in {m['decompress_s']:.0f} s) |")
+            target = TARGETS.get(dataset, math.inf)
+            verdicts.append(f"- {dataset}: {m['file']:.3f} bits/pixel (target <= {target}: "
+                            f"{'met' if m['file'] <= target else 'missed'}), {best / m['file']:.2f}x smaller than "
+                            f"the best codec (target 1.4x: {'met' if best / m['file'] >= 1.4 else 'missed'}), "
+                            f"payload {100 * (m['payload'] / m['ideal'] - 1):+.2f}% over -log2 p (target within 1%: "
+                            f"{'met' if m['payload'] <= 1.01 * m['ideal'] else 'missed'}); decompression "
+                            f"{1000 / m['decompress_ips']:.0f} s per 1,000 images (target < 60 s on 2 cores: "
+                            f"{'met' if 1000 / m['decompress_ips'] < 60 else 'missed'} at this load).")
         else:
             rows.append(f"| {dataset} | (no shipped {dataset} density model) | | | | | |")
         print(rows[-1], flush=True)
@@ -162,6 +171,7 @@ def main() -> None:
         "their throughput is per image, one thread. Ours: one intra-op thread.\n\n"
         "| data | codec | per image | whole set | vs the best codec | compress (images/s) | "
         "decompress (images/s) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+        + ("\n\nTargets (issue 21):\n\n" + "\n".join(verdicts) if verdicts else "")
     )
     if args.round_trip:
         trips = round_trips(args.round_trip)
