@@ -9,7 +9,7 @@ DEMO_RUN ?= runs/demo
 $(BIN)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,defend]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,defend,compress]"
 	touch $@
 
 install: $(BIN)/.installed

@@ -1,4 +1,5 @@
-"""The command line: ``pixelchain train | eval | sample | complete | attack | detect | purify | list``.
+"""The command line: ``pixelchain train | eval | sample | complete | attack | detect | purify | compress |
+decompress | list``.
 
     pixelchain train gated_pixelcnn --dataset binarized_mnist --run-dir runs/gated --epochs 20
     pixelchain train fvsbn --dataset binarized_mnist --resume --run-dir runs/fvsbn
@@ -8,6 +9,8 @@
     pixelchain attack fmnist_resnet fashion_mnist:test[:1000] --method bim --eps 8 --out adv/
     pixelchain detect fmnist_pixelcnn_pp adv/adversarial.npy --out detect/
     pixelchain purify fmnist_pixelcnn_pp adv/adversarial.npy --eps 16 --classifier fmnist_resnet --labels adv/labels.npy
+    pixelchain compress fmnist_pixelcnn_pp fashion_mnist:test[:1000] --out test.pxc
+    pixelchain decompress test.pxc --out restored/ --png
 Under ``torchrun --nproc_per_node=N pixelchain train ...`` training is data-parallel.
 """
 
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import attacks, checkpoint, data, defend, plots, runtime
+from . import attacks, checkpoint, codec, data, defend, plots, runtime
 from .classifiers import Classifier, list_classifiers
 from .models import list_models
 from .models.base import DECODE_BATCH
@@ -328,6 +331,44 @@ def cmd_purify(args) -> None:
               f"{defend.accuracy(classifier, purified, y):.2%} after")
 
 
+def cmd_compress(args) -> None:
+    model, _ = codec.resolve_model(args.run)  # its errors (a classifier, a missing run) before reading images
+    x = read_images(args.images, model.image_shape[0])
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} exists: choose another --out or pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{out.parent} does not exist: create it or choose another --out")
+    start = time.perf_counter()
+    blob = codec.compress(args.run, x, batch_size=args.batch_size, progress=True)
+    elapsed = time.perf_counter() - start
+    partial = out.with_name(out.name + ".partial")
+    partial.write_bytes(blob)
+    partial.replace(out)
+    payload, rest = codec.payload_bits(blob)
+    print(f"{len(x)} images in {elapsed:.1f} s ({len(x) / elapsed:.1f} images/s): {len(blob):,} bytes, "
+          f"{payload / x.numel():.4f} bits/dim coded + {rest // 8} bytes of header -> {out}")
+
+
+def cmd_decompress(args) -> None:
+    out = Path(args.out)
+    npy = out / "images.npy"
+    if npy.exists() and not args.force:
+        raise ValueError(f"{npy} exists: choose another --out or pass --force to overwrite it")
+    blob = Path(args.file).read_bytes()
+    start = time.perf_counter()
+    images = codec.decompress(blob, args.model, progress=True)
+    elapsed = time.perf_counter() - start
+    levels = int(codec.read_header(blob)[0]["num_levels"])
+    out.mkdir(parents=True, exist_ok=True)
+    save_levels(npy, images, levels)
+    if args.png:  # greyscale stays one channel, so the folder reads back as the same images (256 levels)
+        for i, pixels in enumerate(plots.to_pixels(images, levels)):
+            Image.fromarray(pixels[..., 0] if images.shape[1] == 1 else pixels).save(out / f"{i:05d}.png")
+    print(f"{len(images)} images in {elapsed:.1f} s ({len(images) / elapsed:.1f} images/s) -> {npy}"
+          + (f" and {len(images)} PNGs" if args.png else ""))
+
+
 def cmd_list(args) -> None:
     print("models:     ", ", ".join(list_models()))
     print("classifiers:", ", ".join(list_classifiers()))
@@ -456,6 +497,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "split's)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_purify)
+
+    p = sub.add_parser("compress", help="lossless compression of images with a density model (pip install "
+                       "'pixelchain[compress]')")
+    p.add_argument("run", help="density model: run directory or shipped checkpoint name")
+    p.add_argument("images", help=images_help)
+    p.add_argument("--out", required=True, help="the compressed file")
+    p.add_argument("--batch-size", type=positive, default=codec.DEFAULT_CHUNK,
+                   help="images coded at once (recorded in the file; decompression uses the same)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("decompress", help="restore the images of a compressed file: DIR/images.npy (levels)")
+    p.add_argument("file", help="a file written by pixelchain compress")
+    p.add_argument("--out", required=True, help="folder for images.npy (and the PNGs with --png)")
+    p.add_argument("--model", help="the model it was compressed with, when not a shipped checkpoint")
+    p.add_argument("--png", action="store_true", help="also one PNG per image (levels scaled to 0-255)")
+    p.add_argument("--force", action="store_true", help="overwrite DIR/images.npy if it exists")
+    p.set_defaults(func=cmd_decompress)
 
     p = sub.add_parser("list", help="registered models, datasets and shipped checkpoints")
     p.set_defaults(func=cmd_list)
