@@ -190,9 +190,30 @@ class DiscretizedLogisticMixture(Head):
         if c > 0:  # posterior over components given the pixel's earlier channels
             earlier = self._component_log_prob(x[:, :c].unsqueeze(2), means[:, :c], log_scales[:, :c])
             log_weights = (log_weights + earlier.sum(dim=1)).log_softmax(dim=1)
-        values = torch.arange(self.num_levels, device=x.device).view(1, -1, 1)  # [1,K,1]
-        per_value = self._component_log_prob(values, means[:, c].unsqueeze(1), log_scales[:, c].unsqueeze(1))
+        per_value = self._all_values_log_prob(means[:, c], log_scales[:, c])  # [B,K,M]
         return torch.logsumexp(log_weights.unsqueeze(1) + per_value, dim=-1)  # [B,K]
+
+    def _all_values_log_prob(self, mean: Tensor, log_scale: Tensor) -> Tensor:
+        """log p_m(v) for every value v at once: mean, log_scale [B, M] -> [B, K, M].
+
+        _log_bin_mass's identity over the K - 1 bin edges z_j = (edge_j - mean) / scale, each
+        softplus computed once and shared by the two bins it bounds: bin j's upper and lower
+        edges are z_j and z_{j-1}, and since every bin has the same width, log(1 - e^(z_{j-1} -
+        z_j)) is one number per component. log p(0) = z_0 - softplus(z_0), log p(K-1) =
+        -softplus(z_{K-2}), the middle bins z_j - softplus(z_j) - softplus(z_{j-1}) + that number.
+        """
+        K = self.num_levels
+        width = 2.0 / (K - 1)
+        edges = torch.arange(K - 1, device=mean.device, dtype=mean.dtype).mul_(width).add_(width / 2 - 1.0)
+        inv_scale = torch.exp(-log_scale).unsqueeze(1)  # [B,1,M]
+        z = (edges.view(1, -1, 1) - mean.unsqueeze(1)) * inv_scale  # [B,K-1,M]
+        soft = F.softplus(z)
+        out = z.new_empty(z.shape[0], K, z.shape[2])
+        out[:, : K - 1] = z - soft
+        out[:, K - 1] = 0.0
+        out[:, 1:] -= soft
+        out[:, 1 : K - 1] += torch.log(-torch.expm1(-width * inv_scale))
+        return out
 
 
 def default_head(num_levels: int) -> Head:
