@@ -100,12 +100,33 @@ def train_options(args: argparse.Namespace, recorded: dict) -> TrainOptions:
     return TrainOptions(**{**recorded, **given})
 
 
+def refuse_changes(config: dict, args: argparse.Namespace) -> None:
+    """A resumed run keeps its model and data: refuse a --dataset, --num-levels, --binarize or model
+    that differs from the run's, naming the difference (as --set is refused)."""
+    recorded = config.get("dataset") or {}
+    given = {"model": args.model, "dataset": args.dataset, "num_levels": args.num_levels, "binarize": args.binarize}
+    runs = {"model": config["model"], "dataset": recorded.get("name"), "num_levels": recorded.get("num_levels"),
+            "binarize": recorded.get("binarize")}
+    if recorded.get("path") is not None and args.dataset is not None:  # the user's images: compare their paths
+        given["dataset"] = str(Path(args.dataset).resolve())
+        runs["dataset"] = recorded["path"]
+    if runs["dataset"] is None:  # an old config that records no dataset: nothing to compare with
+        del given["dataset"]
+    changed = [k for k, v in given.items() if v is not None and v != runs[k]]
+    if changed:
+        said = ", ".join(f"{k} {given[k]!r} (the run's: {runs[k]!r})" for k in changed)
+        raise ValueError(f"{said}: a resumed run keeps its model and data; start a new run to change them")
+
+
 def cmd_train(args) -> None:
-    run_dir = Path(args.run_dir or f"runs/{args.model}_{args.dataset}")
+    run_dir = Path(args.run_dir or f"runs/{args.model}_{Path(args.dataset or 'digits').stem}")
     hparams = parse_hparams(args.set)
     recorded = {}
+    if not args.resume:
+        RunDir(run_dir).refuse_existing(args.overwrite)  # before loading data, not after
     if args.resume:  # rebuild exactly what the run was started with
         config = checkpoint.read_config(run_dir)
+        refuse_changes(config, args)
         kept = {k: v for k, v in config["args"].items() if k not in ("image_shape", "num_levels")}
         changed = {k: v for k, v in hparams.items() if kept.get(k) != (list(v) if isinstance(v, tuple) else v)}
         if changed:
@@ -113,9 +134,9 @@ def cmd_train(args) -> None:
                              f"its model ({config['model']}, {kept}); start a new run to change it")
         hparams, args.model = kept, config["model"]
         recorded = TrainOptions.recorded(config.get("train", {}))
-        dataset = config.get("dataset") or {"name": args.dataset}
+        dataset = config.get("dataset") or {"name": args.dataset or "digits"}
     else:
-        dataset = {"name": args.dataset, "num_levels": args.num_levels, "binarize": args.binarize}
+        dataset = {"name": args.dataset or "digits", "num_levels": args.num_levels, "binarize": args.binarize}
     options = train_options(args, recorded)
     options.validate()
     device = runtime.pick_device(args.device)
@@ -134,7 +155,7 @@ def cmd_train(args) -> None:
         print(f"{args.model}: {params:,} parameters on {device}; {train!r}; run directory {run_dir}")
     run = RunDir(run_dir)
     with run.lock() if rank == 0 else contextlib.nullcontext():
-        summary = fit(model, train, valid, run_dir=run_dir, resume=args.resume, info={"dataset": dataset},
+        summary = fit(model, train, valid, run_dir=run_dir, resume=args.resume, overwrite=args.overwrite, info={"dataset": dataset},
                       options=options)
         test_metrics = evaluate(model, load_split(dataset, "test"))  # sharded: every process takes part
         if rank != 0:
@@ -368,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model by maximum likelihood, then report the test NLL")
     p.add_argument("model", choices=list_models() + list_classifiers())
-    p.add_argument("--dataset", default="digits", choices=data.list_datasets())
+    p.add_argument("--dataset", choices=data.list_datasets(), help="default: digits (resuming: the run's)")
     p.add_argument("--num-levels", type=int, help="quantise the dataset to this many levels")
     p.add_argument("--binarize", choices=["threshold", "dynamic"])
     p.add_argument("--run-dir", help="default: runs/MODEL_DATASET")
@@ -377,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir (options not given are the run's)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model or run already in --run-dir")
     p.add_argument("--no-figures", action="store_true")
     p.set_defaults(func=cmd_train)
 

@@ -133,6 +133,24 @@ class RunDir:
                 del _held[key]
                 os.close(fd)  # releases the lock
 
+    # ----------------------------------------------------------------- a new run over an old one
+    def held(self) -> list[str]:
+        """The files of a model or run already here (config, weights, trainer state)."""
+        return [name for name in (CONFIG, WEIGHTS, STATE) if (self / name).exists()]
+
+    def refuse_existing(self, overwrite: bool = False) -> None:
+        """Raise FileExistsError if the directory holds a model or run (``pc.save``'s, a run's, a
+        copy of a shipped checkpoint), unless ``overwrite``: a new run never replaces one silently."""
+        held = self.held()
+        if held and not overwrite:
+            raise FileExistsError(f"{self.path} already holds a model ({', '.join(held)}): resume it (--resume), "
+                                  "replace it (--overwrite), or choose another run directory")
+
+    def clear(self) -> None:
+        """Remove every file a run writes here (what ``overwrite`` replaces); other files stay."""
+        for name in (CONFIG, WEIGHTS, STATE, METRICS, RESULT, CHECK, SAMPLES, COMPLETIONS):
+            (self / name).unlink(missing_ok=True)
+
     # ----------------------------------------------------------------- config
     def write_config(self, config: dict) -> None:
         """config.json (creating the directory)."""
