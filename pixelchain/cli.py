@@ -155,8 +155,8 @@ def cmd_train(args) -> None:
         print(f"{args.model}: {params:,} parameters on {device}; {train!r}; run directory {run_dir}")
     run = RunDir(run_dir)
     with run.lock() if rank == 0 else contextlib.nullcontext():
-        summary = fit(model, train, valid, run_dir=run_dir, resume=args.resume, overwrite=args.overwrite, info={"dataset": dataset},
-                      options=options)
+        summary = fit(model, train, valid, run_dir=run_dir, resume=args.resume, overwrite=args.overwrite,
+                      info={"dataset": dataset}, options=options)
         test_metrics = evaluate(model, load_split(dataset, "test"))  # sharded: every process takes part
         if rank != 0:
             return
