@@ -246,6 +246,10 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         """The decoder ``sample`` and ``complete`` use; models override it with a cached one."""
         return NaiveDecoder(self, x, labels)
 
+    def naive_decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
+        """The reference decoder ``naive=True`` runs: a full forward pass per step."""
+        return NaiveDecoder(self, x, labels)
+
     def pixel_params(self, decoder: ConvDecoder, h: int, w: int) -> Tensor:
         """For a ConvDecoder: the head's parameters at pixel (h, w), [B, P], computed through
         ``decoder.caches.at(...)`` (and ``decoder.per_row`` for work a row shares)."""
