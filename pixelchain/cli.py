@@ -180,6 +180,7 @@ def cmd_sample(args) -> None:
     device = runtime.pick_device(args.device)
     model = density_model(args.run, device)
     out = output_path(args.run, args.out, "samples.png")
+    plots.check_grid(args.n, model.image_shape)
     labels = None if args.label is None else torch.full((args.n,), args.label, device=device)
     start = time.perf_counter()
     samples = model.sample(args.n, generator=torch.Generator(device).manual_seed(args.seed), labels=labels,

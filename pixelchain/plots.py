@@ -34,6 +34,19 @@ def grid(rows: list[np.ndarray], scale: int = 2, pad: int = 1, background: int =
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
 
 
+def check_grid(n: int, image_shape: tuple[int, int, int], ncols: int = 8, scale: int = 3) -> None:
+    """ValueError unless a grid of ``n`` images (``save_samples``'s) stays within the pixels Pillow
+    (and image viewers) accept: checked before the images are drawn."""
+    _, H, W = image_shape
+    if Image.MAX_IMAGE_PIXELS is None:  # the user lifted Pillow's limit
+        return
+    pixels = -(-n // ncols) * min(n, ncols) * H * W * scale * scale
+    if pixels > Image.MAX_IMAGE_PIXELS:
+        most = Image.MAX_IMAGE_PIXELS // (H * W * scale * scale) // ncols * ncols
+        raise ValueError(f"a PNG grid of {n} images of {H}x{W} would hold {pixels:,} pixels, more than the "
+                         f"{Image.MAX_IMAGE_PIXELS:,} Pillow accepts: draw at most {most}")
+
+
 def save_samples(images: Tensor, num_levels: int, path: str | Path, ncols: int = 8, scale: int = 3) -> Path:
     """Save images [N, C, H, W] as a grid of ``ncols`` columns."""
     pixels = to_pixels(images, num_levels)

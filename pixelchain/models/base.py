@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..decode import ConvDecoder, Decoder, KeepObserved, MostLikelyInWindow, NaiveDecoder, Policy, Sample, decode
 from ..heads import Head
-from ..runtime import intra_op_threads, threads_for
+from ..runtime import check_fits, intra_op_threads, threads_for
 
 
 def check_images(x: Tensor, image_shape: tuple[int, int, int], num_levels: int) -> Tensor:
@@ -274,12 +274,13 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         progress: bool = False,
         batch_size: int | None = DECODE_BATCH,
     ) -> Tensor:
-        """Draw n images: int64 [n, C, H, W], ``batch_size`` at a time (None: all at once).
+        """Draw n images: int64 [n, C, H, W], ``batch_size`` at a time (None: all at once), the
+        decoders' memory bounded by the batch; ValueError if the n images cannot fit in memory.
         ``naive=True`` runs the reference decoder; a class-conditional model needs ``labels`` [n]."""
         if not is_integer(n) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        with intra_op_threads(1):  # a small op, as check_input's
-            x = torch.zeros(n, *self.image_shape, dtype=torch.long, device=self.device)
+        check_fits(n * self.num_dims * 8, f"{n} samples of {self.image_shape}", self.device)
+        x = torch.zeros((), dtype=torch.long, device=self.device).expand(n, *self.image_shape)  # no memory
         _, labels = self.check_input(x, labels)
         policy = Sample(generator, temperature)
         return self._decode_in_batches(x, labels, lambda i: policy, batch_size, naive, progress)
@@ -315,12 +316,13 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
         step = len(x) if batch_size is None else batch_size
-        parts = [slice(i, i + step) for i in range(0, len(x), step)]
+        out = torch.empty(x.shape, dtype=torch.long, device=x.device)  # written batch by batch
         with self._eval_mode():
-            decoded = [decode(self, x[i], policy_for(i), None if labels is None else labels[i], naive=naive,
-                              progress=progress) for i in parts]
-        with intra_op_threads(1):  # a small op, as check_input's
-            return torch.cat(decoded)
+            for start in range(0, len(x), step):
+                i = slice(start, start + step)
+                out[i] = decode(self, x[i], policy_for(i), None if labels is None else labels[i], naive=naive,
+                                progress=progress)
+        return out
 
     def purify(
         self,

@@ -76,10 +76,11 @@ class MADE(AutoregressiveModel):
         g = torch.Generator().manual_seed(seed)
         orders, hidden_degrees = [], []
         for _ in range(num_masks):
-            orders.append(torch.randperm(D, generator=g) if order_agnostic else torch.arange(D))
+            orders.append(torch.randperm(D, generator=g, device="cpu") if order_agnostic
+                          else torch.arange(D, device="cpu"))
             low, layers = 1, []
             for size in hidden:
-                degrees = torch.randint(low, max(D, low + 1), (size,), generator=g)
+                degrees = torch.randint(low, max(D, low + 1), (size,), generator=g, device="cpu")
                 layers.append(degrees.sort().values if num_masks == 1 else degrees)
                 low = int(layers[-1].min())
             hidden_degrees.append(torch.cat(layers))
