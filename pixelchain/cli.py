@@ -18,7 +18,6 @@ import ast
 import contextlib
 import dataclasses
 import os
-import re
 import signal
 import sys
 import time
@@ -26,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from . import attacks, checkpoint, data, defend, plots, runtime
 from .classifiers import Classifier, list_classifiers
+from .io import dataset_split, read_images, read_integers, read_labels  # noqa: F401 - importable from here too
 from .models import list_models
 from .models.base import DECODE_BATCH
 from .run_dir import RunDir, result_record
@@ -200,65 +199,6 @@ def cmd_complete(args) -> None:
     print(f"completions of {args.n} {args.split} images, bottom half occluded -> {out}")
 
 
-def read_images(spec: str, channels: int) -> torch.Tensor:
-    """Images int64 [N, C, H, W] from ``spec``: a dataset split ``NAME:SPLIT`` or ``NAME:SPLIT[A:B]``
-    (e.g. ``fashion_mnist:test[:1000]``), a ``.npy`` file of integers [N, C, H, W] or [N, H, W], or a
-    folder of PNGs (sorted by name; read as greyscale when ``channels`` is 1, else RGB)."""
-    path = Path(spec)
-    if spec.endswith(".npy"):
-        array = read_integers(path, "images")
-        if array.ndim == 3:
-            array = array[:, None]
-        return torch.from_numpy(array.astype(np.int64))
-    if path.is_dir():
-        files = sorted(path.glob("*.png"))
-        if not files:
-            raise ValueError(f"{spec}: no .png files in the folder")
-        mode = "L" if channels == 1 else "RGB"
-        arrays = [np.asarray(Image.open(f).convert(mode)) for f in files]
-        if len({a.shape for a in arrays}) != 1:
-            raise ValueError(f"{spec}: the PNGs differ in size")
-        array = np.stack(arrays)
-        return torch.from_numpy(array[:, None] if channels == 1 else array.transpose(0, 3, 1, 2)).long()
-    split, rows = dataset_split(spec)
-    return split.images[rows]
-
-
-def read_labels(spec: str, labels: str | None, count: int) -> torch.Tensor:
-    """int64 [count] labels of the images ``spec``: from ``labels`` (a .npy of integers [N]) when
-    given, else the labels of a dataset split ``NAME:SPLIT[A:B]``."""
-    if labels is not None:
-        y = torch.from_numpy(read_integers(Path(labels), "labels").astype(np.int64))
-        where = labels
-    elif spec.endswith(".npy") or Path(spec).is_dir():
-        raise ValueError(f"{spec} carries no labels: pass --labels FILE.npy (integers [N])")
-    else:
-        split, rows = dataset_split(spec)
-        if split.labels is None:
-            raise ValueError(f"{spec}: this dataset has no labels")
-        y, where = split.labels[rows], spec
-    if y.shape != (count,):
-        raise ValueError(f"{where}: expected labels of shape [{count}] (one per image), got {list(y.shape)}")
-    return y
-
-
-def read_integers(path: Path, what: str) -> np.ndarray:
-    """A .npy array of integers (``what`` names it in errors); never unpickles."""
-    array = np.load(path, allow_pickle=False)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"{path}: {what} must be integers, got dtype {array.dtype}")
-    return array
-
-
-def dataset_split(spec: str) -> tuple[data.ImageDataset, slice]:
-    """``NAME:SPLIT[A:B]`` -> the split and the slice of its rows."""
-    match = re.fullmatch(r"(\w+):([\w+]+)(?:\[(-?\d*):(-?\d*)\])?", spec)
-    if not match:
-        raise ValueError(f"{spec!r} is not a .npy file, a folder of PNGs, or NAME:SPLIT[A:B]")
-    name, split, a, b = match.groups()
-    return data.load(name, split), slice(int(a) if a else None, int(b) if b else None)
-
-
 def reference_spec(args) -> str:
     if args.reference:
         return args.reference
@@ -270,8 +210,8 @@ def reference_spec(args) -> str:
 
 def cmd_detect(args) -> None:
     model = checkpoint.load(args.run, runtime.pick_device(args.device))
-    x = read_images(args.images, model.image_shape[0])
-    reference = read_images(reference_spec(args), model.image_shape[0])
+    x = read_images(args.images, model.image_shape[0], model.num_levels)
+    reference = read_images(reference_spec(args), model.image_shape[0], model.num_levels)
     bpd = defend.bits_per_dim(model, x, args.batch_size)
     reference_bpd = defend.bits_per_dim(model, reference, args.batch_size)
     p = defend.p_values(bpd, reference_bpd)
@@ -304,7 +244,7 @@ def save_levels(path: Path, x: torch.Tensor, num_levels: int) -> None:
 
 def cmd_attack(args) -> None:
     classifier = load_classifier(args.classifier, runtime.pick_device(args.device))
-    x = read_images(args.images, classifier.image_shape[0])
+    x = read_images(args.images, classifier.image_shape[0], classifier.num_levels)
     y = read_labels(args.images, args.labels, len(x))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -322,7 +262,7 @@ def cmd_attack(args) -> None:
 
 def cmd_purify(args) -> None:
     model = checkpoint.load(args.run, runtime.pick_device(args.device))
-    x = read_images(args.images, model.image_shape[0])
+    x = read_images(args.images, model.image_shape[0], model.num_levels)
     if args.classifier:  # its errors (a density model, labels missing or mismatched) before decoding
         classifier = load_classifier(args.classifier, runtime.pick_device(args.device))
         y = read_labels(args.images, args.labels, len(x))
@@ -332,7 +272,7 @@ def cmd_purify(args) -> None:
     if args.adaptive is None:
         purified = defend.purify(model, x, args.eps, batch_size=args.batch_size, naive=args.naive)
     else:  # half the reference ranks, the other half sets the threshold at the false-alarm rate
-        reference = read_images(reference_spec(args), model.image_shape[0])
+        reference = read_images(reference_spec(args), model.image_shape[0], model.num_levels)
         reference_bpd = defend.bits_per_dim(model, reference[::2], args.batch_size)
         clean_p = defend.p_values(defend.bits_per_dim(model, reference[1::2], args.batch_size), reference_bpd)
         threshold = defend.choose_threshold(clean_p, args.adaptive)
