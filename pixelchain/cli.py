@@ -18,6 +18,7 @@ import ast
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import sys
 import time
@@ -28,7 +29,7 @@ import torch
 
 from . import attacks, checkpoint, data, defend, plots, runtime
 from .classifiers import Classifier, list_classifiers
-from .io import dataset_split, read_images, read_integers, read_labels  # noqa: F401 - importable from here too
+from .io import count_images, dataset_split, read_images, read_integers, read_labels  # noqa: F401 - importable from here too
 from .models import list_models
 from .models.base import DECODE_BATCH
 from .run_dir import RunDir, result_record
@@ -49,8 +50,51 @@ def parse_hparams(pairs: list[str]) -> dict:
     return hparams
 
 
+def dataset_record(spec: str, num_levels: int | None = None, binarize: str | None = None, grey: bool | None = None,
+                   resize: str | None = None) -> dict:
+    """What a run records of its data: a built-in dataset's name, or the user's images (a folder,
+    an image file, a .npy/.npz: ``data.from_images``) with their path and how many there were."""
+    if spec in data.list_datasets():
+        if grey or resize:
+            raise ValueError(f"--grey and --resize apply to your own images, not to the built-in {spec}")
+        return {"name": spec, "num_levels": num_levels, "binarize": binarize}
+    path = Path(spec)
+    if not path.is_dir() and not path.is_file():
+        raise ValueError(f"--dataset {spec!r}: not a built-in dataset ({', '.join(data.list_datasets())}) nor a "
+                         "folder of images, an image file or a .npy/.npz")
+    size = None
+    if resize is not None:
+        match = re.fullmatch(r"(\d+)x(\d+)", resize)
+        if not match or 0 in (size := [int(match[1]), int(match[2])]):
+            raise ValueError(f"--resize expects HxW (e.g. 32x32), got {resize!r}")
+    record = {"name": path.stem, "path": str(path.resolve()), "num_levels": num_levels, "binarize": binarize,
+              "grey": grey, "resize": size}
+    record["images"] = count_images(path)
+    return record
+
+
 def load_split(dataset: dict, split: str) -> data.ImageDataset:
-    return data.load(dataset["name"], split, num_levels=dataset.get("num_levels"), binarize=dataset.get("binarize"))
+    """``split`` of a dataset a run recorded (``dataset_record``)."""
+    options = {"num_levels": dataset.get("num_levels"), "binarize": dataset.get("binarize")}
+    if dataset.get("path") is None:
+        return data.load(dataset["name"], split, **options)
+    total = count_images(Path(dataset["path"]))
+    if dataset.get("images") not in (None, total):
+        raise ValueError(f"{dataset['path']} now holds {total} images, the run's {dataset['images']}: its splits "
+                         "would differ; restore the data or start a new run")
+    resize = dataset.get("resize")
+    return data.from_images(dataset["path"], split, grey=dataset.get("grey"), resize=resize and tuple(resize),
+                            **options)
+
+
+def model_dataset(spec: str | None, run: str, model: torch.nn.Module) -> dict:
+    """--dataset of eval / complete (default: the run's), your own images read at the model's
+    levels and channels."""
+    if not spec:
+        return run_dataset(run)
+    if spec in data.list_datasets():
+        return {"name": spec}
+    return {**dataset_record(spec, grey=model.image_shape[0] == 1), "num_levels": model.num_levels}
 
 
 def run_dataset(run: str) -> dict:
@@ -103,9 +147,10 @@ def refuse_changes(config: dict, args: argparse.Namespace) -> None:
     """A resumed run keeps its model and data: refuse a --dataset, --num-levels, --binarize or model
     that differs from the run's, naming the difference (as --set is refused)."""
     recorded = config.get("dataset") or {}
-    given = {"model": args.model, "dataset": args.dataset, "num_levels": args.num_levels, "binarize": args.binarize}
+    given = {"model": args.model, "dataset": args.dataset, "num_levels": args.num_levels, "binarize": args.binarize,
+             "grey": args.grey}
     runs = {"model": config["model"], "dataset": recorded.get("name"), "num_levels": recorded.get("num_levels"),
-            "binarize": recorded.get("binarize")}
+            "binarize": recorded.get("binarize"), "grey": recorded.get("grey")}
     if recorded.get("path") is not None and args.dataset is not None:  # the user's images: compare their paths
         given["dataset"] = str(Path(args.dataset).resolve())
         runs["dataset"] = recorded["path"]
@@ -135,7 +180,7 @@ def cmd_train(args) -> None:
         recorded = TrainOptions.recorded(config.get("train", {}))
         dataset = config.get("dataset") or {"name": args.dataset or "digits"}
     else:
-        dataset = {"name": args.dataset or "digits", "num_levels": args.num_levels, "binarize": args.binarize}
+        dataset = dataset_record(args.dataset or "digits", args.num_levels, args.binarize, args.grey, args.resize)
     options = train_options(args, recorded)
     options.validate()
     device = runtime.pick_device(args.device)
@@ -171,7 +216,7 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     model = checkpoint.load(args.run, runtime.pick_device(args.device))
-    dataset = {"name": args.dataset} if args.dataset else run_dataset(args.run)
+    dataset = model_dataset(args.dataset, args.run, model)
     print(report(evaluate(model, load_split(dataset, args.split), progress=True), args.split))
 
 
@@ -193,25 +238,25 @@ def cmd_complete(args) -> None:
     device = runtime.pick_device(args.device)
     model = density_model(args.run, device)
     out = output_path(args.run, args.out, "completions.png")
-    test = load_split({"name": args.dataset} if args.dataset else run_dataset(args.run), args.split)
+    test = load_split(model_dataset(args.dataset, args.run, model), args.split)
     plots.draw_completions(model, test, out, args.n, args.per_image, torch.Generator(device).manual_seed(args.seed),
                            args.naive, args.batch_size)
     print(f"completions of {args.n} {args.split} images, bottom half occluded -> {out}")
 
 
-def reference_spec(args) -> str:
+def reference_images(args, model: torch.nn.Module) -> tuple[torch.Tensor, str]:
+    """The clean images p-values rank against, and how to name them: --reference, else the valid
+    split of the run's dataset as it trained on it (levels, binarisation, its own images)."""
     if args.reference:
-        return args.reference
-    config = checkpoint.read_config(args.run)
-    if "dataset" not in config:
-        raise SystemExit(f"{args.run}: its config names no dataset; pass --reference")
-    return f"{config['dataset']['name']}:valid"
+        return read_images(args.reference, model.image_shape[0], model.num_levels), args.reference
+    dataset = run_dataset(args.run)
+    return load_split(dataset, "valid").images, f"{dataset['name']}:valid"
 
 
 def cmd_detect(args) -> None:
     model = checkpoint.load(args.run, runtime.pick_device(args.device))
     x = read_images(args.images, model.image_shape[0], model.num_levels)
-    reference = read_images(reference_spec(args), model.image_shape[0], model.num_levels)
+    reference, reference_name = reference_images(args, model)
     bpd = defend.bits_per_dim(model, x, args.batch_size)
     reference_bpd = defend.bits_per_dim(model, reference, args.batch_size)
     p = defend.p_values(bpd, reference_bpd)
@@ -220,7 +265,7 @@ def cmd_detect(args) -> None:
     rows = enumerate(zip(bpd.tolist(), p.tolist(), strict=True))
     lines = ["index,bits_per_dim,p_value"] + [f"{i},{b:.6f},{q:.6f}" for i, (b, q) in rows]
     (out / "p_values.csv").write_text("\n".join(lines) + "\n")
-    plots.save_histogram({args.images: bpd, f"reference {reference_spec(args)}": reference_bpd},
+    plots.save_histogram({args.images: bpd, f"reference {reference_name}": reference_bpd},
                          out / "bits_per_dim.png")
     for line in lines[1 : 1 + args.show]:
         print(line)
@@ -272,7 +317,7 @@ def cmd_purify(args) -> None:
     if args.adaptive is None:
         purified = defend.purify(model, x, args.eps, batch_size=args.batch_size, naive=args.naive)
     else:  # half the reference ranks, the other half sets the threshold at the false-alarm rate
-        reference = read_images(reference_spec(args), model.image_shape[0], model.num_levels)
+        reference = reference_images(args, model)[0]
         reference_bpd = defend.bits_per_dim(model, reference[::2], args.batch_size)
         clean_p = defend.p_values(defend.bits_per_dim(model, reference[1::2], args.batch_size), reference_bpd)
         threshold = defend.choose_threshold(clean_p, args.adaptive)
@@ -330,9 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model by maximum likelihood, then report the test NLL")
     p.add_argument("model", choices=list_models() + list_classifiers())
-    p.add_argument("--dataset", choices=data.list_datasets(), help="default: digits (resuming: the run's)")
+    p.add_argument("--dataset", help=f"a built-in dataset ({', '.join(data.list_datasets())}; default: digits, "
+                   "resuming: the run's), or your own images: a folder of them, an image file, a .npy/.npz of levels "
+                   "(valid and test splits carved out, 10%% each)")
     p.add_argument("--num-levels", type=int, help="quantise the dataset to this many levels")
     p.add_argument("--binarize", choices=["threshold", "dynamic"])
+    p.add_argument("--grey", action="store_true", default=None, help="your own images: read them as greyscale")
+    p.add_argument("--resize", metavar="HxW", help="your own images: resize them all to H x W")
     p.add_argument("--run-dir", help="default: runs/MODEL_DATASET")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a model hyperparameter")
     add_option_flags(p)
@@ -346,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="NLL of a trained model on a split")
     p.add_argument("run", help="run directory or shipped checkpoint name")
     p.add_argument("--split", default="test")
-    p.add_argument("--dataset", help="default: the run's dataset")
+    p.add_argument("--dataset", help="a built-in dataset or your own images (default: the run's dataset)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 

@@ -148,6 +148,15 @@ def _load_npy(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: not a readable .npy array ({error})") from None
 
 
+def count_images(path: Path) -> int:
+    """How many images a folder, an image file or an array file holds (arrays: their header's N)."""
+    if path.is_dir():
+        return len(image_files(path))
+    if path.suffix.lower() not in ARRAY_SUFFIXES:
+        return 1
+    return len(read_array(path)[0])
+
+
 def read_integers(path: Path, what: str) -> np.ndarray:
     """A .npy array of integers (``what`` names it in errors); never unpickles."""
     if not path.is_file():
