@@ -31,8 +31,8 @@ from . import attacks, checkpoint, data, defend, plots, runtime
 from .classifiers import Classifier, list_classifiers
 from .io import count_images, dataset_split, read_images, read_integers, read_labels  # noqa: F401 - importable from here too
 from .models import list_models
-from .models.base import DECODE_BATCH
-from .run_dir import RunDir, result_record
+from .models.base import DECODE_BATCH, check_eps
+from .run_dir import STATE, RunDir, result_record
 from .train import TrainingDiverged, TrainOptions, evaluate, fit
 
 
@@ -169,6 +169,8 @@ def cmd_train(args) -> None:
     if not args.resume:
         RunDir(run_dir).refuse_existing(args.overwrite)  # before loading data, not after
     if args.resume:  # rebuild exactly what the run was started with
+        if not (run_dir / STATE).is_file():
+            raise FileNotFoundError(f"nothing to resume: {run_dir / STATE} does not exist")
         config = checkpoint.read_config(run_dir)
         refuse_changes(config, args)
         kept = {k: v for k, v in config["args"].items() if k not in ("image_shape", "num_levels")}
@@ -289,6 +291,7 @@ def save_levels(path: Path, x: torch.Tensor, num_levels: int) -> None:
 
 def cmd_attack(args) -> None:
     classifier = load_classifier(args.classifier, runtime.pick_device(args.device))
+    check_eps(args.eps, classifier.num_levels)
     x = read_images(args.images, classifier.image_shape[0], classifier.num_levels)
     y = read_labels(args.images, args.labels, len(x))
     out = Path(args.out)
@@ -307,6 +310,7 @@ def cmd_attack(args) -> None:
 
 def cmd_purify(args) -> None:
     model = checkpoint.load(args.run, runtime.pick_device(args.device))
+    check_eps(args.eps, model.num_levels)
     x = read_images(args.images, model.image_shape[0], model.num_levels)
     if args.classifier:  # its errors (a density model, labels missing or mismatched) before decoding
         classifier = load_classifier(args.classifier, runtime.pick_device(args.device))
@@ -340,6 +344,28 @@ def cmd_list(args) -> None:
     print("classifiers:", ", ".join(list_classifiers()))
     print("datasets:   ", ", ".join(data.list_datasets()))
     print("pretrained: ", ", ".join(checkpoint.pretrained()) or "none")
+
+
+def nonnegative(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
 
 
 def positive(text: str) -> int:
@@ -431,10 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", help=images_help)
     p.add_argument("--labels", help="true labels, a .npy of integers [N] (default: the dataset split's)")
     p.add_argument("--method", choices=attacks.ATTACKS, default="fgsm")
-    p.add_argument("--eps", type=int, default=8, help="L-inf radius in levels (0-255 units for 256 levels)")
+    p.add_argument("--eps", type=nonnegative, default=8, help="L-inf radius in levels (0-255 units for 256 levels)")
     p.add_argument("--out", default="adversarial", help="folder for adversarial.npy, labels.npy, before_after.png")
     p.add_argument("--batch-size", type=positive, default=128)
-    p.add_argument("--grid", type=int, default=16, help="images in the before/after figure")
+    p.add_argument("--grid", type=positive, default=16, help="images in the before/after figure")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-noise attack")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_attack)
@@ -445,20 +471,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="held-out clean images the p-values rank against (default: the model's "
                    "dataset, valid split)")
     p.add_argument("--out", default="detect", help="folder for p_values.csv and bits_per_dim.png")
-    p.add_argument("--alpha", type=float, default=0.05, help="report the share of images with p <= alpha")
-    p.add_argument("--show", type=int, default=10, help="print the first this many p-values")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--alpha", type=probability, default=0.05, help="report the share of images with p <= alpha")
+    p.add_argument("--show", type=nonnegative, default=10, help="print the first this many p-values")
+    p.add_argument("--batch-size", type=positive, default=256)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("purify", help="PixelDefend purification: each pixel the most likely value within eps")
     p.add_argument("run", help="density model: run directory or shipped checkpoint name")
     p.add_argument("images", help=images_help)
-    p.add_argument("--eps", type=int, default=16, help="window radius in levels (0-255 units for 256 levels)")
+    p.add_argument("--eps", type=nonnegative, default=16, help="window radius in levels (0-255 units for 256 levels)")
     p.add_argument("--out", default="purified", help="folder for purified.npy and before_after.png")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--grid", type=int, default=16, help="images in the before/after figure")
-    p.add_argument("--adaptive", type=float, metavar="FALSE_ALARM",
+    p.add_argument("--batch-size", type=positive, default=64)
+    p.add_argument("--grid", type=positive, default=16, help="images in the before/after figure")
+    p.add_argument("--adaptive", type=probability, metavar="FALSE_ALARM",
                    help="adaptive PixelDefend: purify only images with p <= a threshold that purifies this share "
                    "of clean --reference images (e.g. 0.05); the others stay unchanged")
     p.add_argument("--reference", help="clean images for --adaptive (default: the model's dataset, valid split)")

@@ -85,6 +85,9 @@ def draw_completions(model: torch.nn.Module, test: ImageDataset, path: str | Pat
                      batch_size: int | None = None) -> Path:
     """completions figure of ``n`` test images spread over ``test`` (some splits are sorted by
     class), bottom half occluded, ``per_image`` completions each."""
+    if n > len(test):
+        raise ValueError(f"{n} images to complete, but {test!r} holds {len(test)}")
+    check_grid(n * (per_image + 2), model.image_shape, ncols=per_image + 2)
     index = torch.linspace(0, len(test) - 1, n).long()
     x = test.images[index].to(model.device)
     labels = None if not getattr(model, "num_classes", None) else test.labels[index].repeat_interleave(per_image)

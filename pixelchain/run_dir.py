@@ -162,8 +162,9 @@ class RunDir:
         path = self / CONFIG
         try:
             config = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is corrupt or not a pixelchain config ({error})") from None
+        except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is corrupt or not a pixelchain config ({type(error).__name__}: "
+                             f"{str(error)[:80]})") from None
         args = config.get("args") if isinstance(config, dict) else None
         problem = (
             "it is not a JSON object" if not isinstance(config, dict)

@@ -66,12 +66,22 @@ def check_sizes(**sizes: int | Sequence[int]) -> None:
             raise ValueError(f"{name} must be a positive integer (or a list of them), got {value!r}")
 
 
-def check_eps(eps: int) -> int:
-    """A window radius / perturbation bound in levels: a whole number >= 0, else ValueError."""
+def check_eps(eps: int, num_levels: int | None = None) -> int:
+    """A window radius / perturbation bound in levels: a whole number >= 0 (and, given the levels,
+    at most num_levels - 1: a wider one changes nothing), else ValueError."""
     if (isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or int(eps) != eps
             or eps < 0):
         raise ValueError(f"eps must be a whole number of levels >= 0, got {eps!r}")
+    if num_levels is not None and eps > num_levels - 1:
+        raise ValueError(f"eps must be at most {num_levels - 1} for images of {num_levels} levels, got {eps}")
     return int(eps)
+
+
+def check_odd(**sizes: int) -> None:
+    """ValueError unless every size is odd: the kernels whose masks centre on the current pixel."""
+    for name, value in sizes.items():
+        if value % 2 == 0:
+            raise ValueError(f"{name} must be odd (its mask centres on the current pixel), got {value}")
 
 
 class RecordsInitArgs:
@@ -337,7 +347,7 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         ``eps`` levels of x's value, given the already purified dimensions: int64 [B, C, H, W],
         ``batch_size`` images at a time (None: all at once)."""
         x, labels = self.check_input(x, labels)
-        eps = check_eps(eps)
+        eps = check_eps(eps, self.num_levels)
         if eps == 0:
             return x.clone()
         policy_for = lambda i: MostLikelyInWindow(x[i], eps)  # noqa: E731

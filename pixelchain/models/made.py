@@ -44,6 +44,28 @@ from . import register
 from .base import AutoregressiveModel, check_sizes, is_integer
 
 
+def draw_degrees(D: int, hidden: tuple[int, ...], num_masks: int, order_agnostic: bool,
+                 seed: int) -> tuple[Tensor, Tensor]:
+    """Degrees of every mask, drawn once from ``seed`` and saved with the weights: input_degree
+    [M, D] (1 + the position of raster dimension j in mask m's order) and hidden_degree [M, sum(hidden)],
+    hidden unit degrees ~ U{min degree of the layer below .. D - 1}; sorted when there is one mask
+    (units are interchangeable; sorted, each unit sees a prefix of the layer below). On the meta
+    device (a model being sized before it is built) only their shapes."""
+    if torch.empty(0).device.type == "meta":
+        return torch.empty(num_masks, D, dtype=torch.long), torch.empty(num_masks, sum(hidden), dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    orders, hidden_degrees = [], []
+    for _ in range(num_masks):
+        orders.append(torch.randperm(D, generator=g) if order_agnostic else torch.arange(D))
+        low, layers = 1, []
+        for size in hidden:
+            degrees = torch.randint(low, max(D, low + 1), (size,), generator=g)
+            layers.append(degrees.sort().values if num_masks == 1 else degrees)
+            low = int(layers[-1].min())
+        hidden_degrees.append(torch.cat(layers))
+    return torch.stack([order.argsort() + 1 for order in orders]), torch.stack(hidden_degrees)
+
+
 @register("made")
 class MADE(AutoregressiveModel):
     """MADE with ReLU hidden layers of sizes ``hidden``; Bernoulli for K = 2, else K-way."""
@@ -70,23 +92,9 @@ class MADE(AutoregressiveModel):
             MaskedLinear(n_in, n_out, torch.ones(n_out, n_in)) for n_in, n_out in zip(sizes, sizes[1:], strict=False)
         )
         self.direct = MaskedLinear(D, sizes[-1], torch.ones(sizes[-1], D), bias=False) if direct else None
-        # Degrees of every mask, drawn once from ``seed`` and saved with the weights: hidden unit
-        # degrees ~ U{min degree of the layer below .. D - 1}; sorted when there is one mask (units
-        # are interchangeable; sorted, each unit sees a prefix of the layer below).
-        g = torch.Generator().manual_seed(seed)
-        orders, hidden_degrees = [], []
-        for _ in range(num_masks):
-            orders.append(torch.randperm(D, generator=g, device="cpu") if order_agnostic
-                          else torch.arange(D, device="cpu"))
-            low, layers = 1, []
-            for size in hidden:
-                degrees = torch.randint(low, max(D, low + 1), (size,), generator=g, device="cpu")
-                layers.append(degrees.sort().values if num_masks == 1 else degrees)
-                low = int(layers[-1].min())
-            hidden_degrees.append(torch.cat(layers))
-        # input_degree[m, j] = 1 + position of raster dimension j in mask m's order
-        self.register_buffer("input_degree", torch.stack([order.argsort() + 1 for order in orders]))
-        self.register_buffer("hidden_degree", torch.stack(hidden_degrees))
+        input_degree, hidden_degree = draw_degrees(D, hidden, num_masks, order_agnostic, seed)
+        self.register_buffer("input_degree", input_degree)
+        self.register_buffer("hidden_degree", hidden_degree)
         self.hidden = tuple(hidden)
         self.num_masks = num_masks
         self.register_buffer("mask_index", torch.zeros((), dtype=torch.long))
