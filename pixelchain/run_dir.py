@@ -71,7 +71,8 @@ def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
 
 def load_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, Tensor], dict[str, str]]:
     """Read a safetensors file, verifying its digest when it has one (files written before digests
-    were recorded have none); ValueError names the file when it is truncated, corrupt or altered."""
+    were recorded, or by other tools, have none: those must at least hold finite floats); ValueError
+    names the file when it is truncated, corrupt or altered."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing")
     try:
@@ -82,6 +83,11 @@ def load_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[s
         raise ValueError(f"{path} is truncated, corrupt or not a safetensors file ({error})") from None
     if DIGEST in metadata and tensor_digest(tensors) != metadata[DIGEST]:
         raise ValueError(f"{path} is corrupt: its tensors do not match the SHA-256 recorded when it was saved")
+    if DIGEST not in metadata:  # nothing vouches for the bytes: at least no NaN or infinite weights
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(f"{path} has no SHA-256 to verify and holds NaN or infinite values in "
+                             f"{', '.join(sorted(bad)[:3])}{' ...' if len(bad) > 3 else ''}: corrupt, or not weights")
     return {k: v.to(device) for k, v in tensors.items()}, metadata
 
 
