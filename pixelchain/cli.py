@@ -213,7 +213,7 @@ def cmd_train(args) -> None:
         if model.kind == "density" and not args.no_figures:
             plots.write_figures(model, load_split(dataset, "test"), run_dir,
                                 torch.Generator(device).manual_seed(options.seed))
-            print(f"wrote {run.samples} and {run.completions}")
+            print(f"wrote {run.samples}" + (f" and {run.completions}" if model.has_conditionals else ""))
 
 
 def cmd_eval(args) -> None:

@@ -99,12 +99,14 @@ def draw_completions(model: torch.nn.Module, test: ImageDataset, path: str | Pat
 
 def write_figures(model: torch.nn.Module, test: ImageDataset, run_dir: str | Path,
                   generator: torch.Generator | None = None, naive: bool = False) -> None:
-    """A run's figures: samples.png (64 samples) and completions.png (8 test images, 4 each)."""
+    """A run's figures: samples.png (64 samples) and completions.png (8 test images, 4 each; not for
+    a model without conditionals, ``has_conditionals``)."""
     run = RunDir(run_dir)
     labels = torch.arange(64, device=model.device) % model.num_classes if getattr(model, "num_classes", None) else None
     samples = model.sample(64, generator=generator, labels=labels, naive=naive, progress=True)
     save_samples(samples, model.num_levels, run.samples)
-    draw_completions(model, test, run.completions, 8, 4, generator, naive)
+    if model.has_conditionals:
+        draw_completions(model, test, run.completions, 8, 4, generator, naive)
 
 
 def save_before_after(before: Tensor, after: Tensor, num_levels: int, path: str | Path, ncols: int = 8,

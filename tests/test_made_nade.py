@@ -224,3 +224,11 @@ def test_single_mask_made_skips_masked_out_weights_and_matches_the_dense_product
     torch.testing.assert_close(blocked, dense)
     for got, want in zip(blocked_grads, dense_grads, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_an_order_agnostic_ensemble_trains_from_the_command_line(tmp_path, capsys):
+    from pixelchain.cli import main
+
+    main(["train", "made", "--dataset", "digits", "--set", "hidden=(16,)", "--set", "num_masks=2", "--set",
+          "order_agnostic=True", "--run-dir", str(tmp_path / "run"), "--epochs", "1"])
+    assert (tmp_path / "run" / "samples.png").is_file() and not (tmp_path / "run" / "completions.png").exists()

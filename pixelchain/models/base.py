@@ -256,6 +256,12 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         """The decoder ``sample`` and ``complete`` use; models override it with a cached one."""
         return NaiveDecoder(self, x, labels)
 
+    @property
+    def has_conditionals(self) -> bool:
+        """Whether ``log_prob_map``, ``complete`` and ``purify`` are defined (a mixture of models in
+        different orders has none that are tractable: MADE's order-agnostic ensemble)."""
+        return True
+
     def naive_decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
         """The reference decoder ``naive=True`` runs: a full forward pass per step."""
         return NaiveDecoder(self, x, labels)

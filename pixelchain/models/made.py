@@ -169,8 +169,12 @@ class MADE(AutoregressiveModel):
         """Whether every member decodes in the same order (then the mixture has conditionals)."""
         return bool((self.input_degree == self.input_degree[:1]).all())
 
+    @property
+    def has_conditionals(self) -> bool:
+        return self.num_masks == 1 or self.member is not None or self.shared_order
+
     def _need_shared_order(self, what: str) -> None:
-        if self.num_masks > 1 and self.member is None and not self.shared_order:
+        if not self.has_conditionals:
             raise ValueError(f"{what}: this MADE is a mixture of {self.num_masks} masks in different orders "
                              "(order_agnostic), whose conditionals in any one order are intractable; its log_prob "
                              "and sample are exact. Use num_masks=1, or masks sharing one order, for this")
