@@ -17,11 +17,13 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -346,37 +348,24 @@ def cmd_list(args) -> None:
     print("pretrained: ", ", ".join(checkpoint.pretrained()) or "none")
 
 
-def nonnegative(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+def ranged(convert: Callable[[str], float], low: float, high: float = math.inf, what: str = "") -> Callable:
+    """An argparse type: ``convert(text)`` within [low, high], else an error saying what it expects."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def probability(text: str) -> float:
-    """argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
-
-
-def positive(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+positive = ranged(int, 1, what="an integer >= 1")
+nonnegative = ranged(int, 0, what="an integer >= 0")
+probability = ranged(float, 0, 1, what="a number in [0, 1]")
 
 
 _FLAG_TYPES = {"int": int, "int | None": int, "float": float, "float | None": float}
