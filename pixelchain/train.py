@@ -319,10 +319,9 @@ class Trainer:
             if any(recorded.get(k, getattr(opts, k)) != getattr(opts, k) for k in ("lr", "lr_decay")):
                 for group in self.optimizer.param_groups:  # honour a new schedule from this epoch on
                     group["lr"] = opts.lr * opts.lr_decay ** self.state["epoch"]
-        else:
+        elif self.main:  # the other processes would see the config it writes next
             run.refuse_existing(self.overwrite)
-            if self.main:
-                run.clear()
+            run.clear()
         if self.main:
             train_config = {**asdict(opts), "batch_size": opts.batch_size * self.world, "processes": self.world,
                             "penalty": None if self.penalty is None else getattr(self.penalty, "__name__",
