@@ -33,7 +33,7 @@ from . import attacks, checkpoint, data, defend, plots, runtime
 from .classifiers import Classifier, list_classifiers
 from .io import count_images, dataset_split, read_images, read_integers, read_labels  # noqa: F401 - importable from here too
 from .models import list_models
-from .models.base import DECODE_BATCH, check_eps
+from .models.base import DECODE_BATCH
 from .run_dir import STATE, RunDir, result_record
 from .train import TrainingDiverged, TrainOptions, evaluate, fit
 
@@ -293,7 +293,6 @@ def save_levels(path: Path, x: torch.Tensor, num_levels: int) -> None:
 
 def cmd_attack(args) -> None:
     classifier = load_classifier(args.classifier, runtime.pick_device(args.device))
-    check_eps(args.eps, classifier.num_levels)
     x = read_images(args.images, classifier.image_shape[0], classifier.num_levels)
     y = read_labels(args.images, args.labels, len(x))
     out = Path(args.out)
@@ -312,7 +311,6 @@ def cmd_attack(args) -> None:
 
 def cmd_purify(args) -> None:
     model = checkpoint.load(args.run, runtime.pick_device(args.device))
-    check_eps(args.eps, model.num_levels)
     x = read_images(args.images, model.image_shape[0], model.num_levels)
     if args.classifier:  # its errors (a density model, labels missing or mismatched) before decoding
         classifier = load_classifier(args.classifier, runtime.pick_device(args.device))

@@ -67,14 +67,13 @@ def check_sizes(**sizes: int | Sequence[int]) -> None:
 
 
 def check_eps(eps: int, num_levels: int | None = None) -> int:
-    """A window radius / perturbation bound in levels: a whole number >= 0 (and, given the levels,
-    at most num_levels - 1: a wider one changes nothing), else ValueError."""
+    """A window radius / perturbation bound in levels: a whole number >= 0, else ValueError. Given
+    the levels, one beyond num_levels - 1 is num_levels - 1: the same window (every level), in
+    numbers every op can hold."""
     if (isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or int(eps) != eps
             or eps < 0):
         raise ValueError(f"eps must be a whole number of levels >= 0, got {eps!r}")
-    if num_levels is not None and eps > num_levels - 1:
-        raise ValueError(f"eps must be at most {num_levels - 1} for images of {num_levels} levels, got {eps}")
-    return int(eps)
+    return int(eps) if num_levels is None else min(int(eps), num_levels - 1)
 
 
 def check_odd(**sizes: int) -> None:
