@@ -30,6 +30,9 @@ def test_from_images_reads_every_case_of_suffix_and_format(tmp_path):
     ds = pc.data.from_images(tmp_path / "mixed")
     assert ds.num_levels == 256 and ds.image_shape == (1, 8, 8) and len(ds) == 6
     assert torch.equal(ds.images[:, 0], torch.from_numpy(x).long())
+    Image.fromarray(x[0]).save(tmp_path / "mixed" / "006.JPG", quality=100)  # lossy: close, not equal
+    jpeg = pc.data.from_images(tmp_path / "mixed").images[6, 0]
+    assert (jpeg - torch.from_numpy(x[0]).long()).abs().float().mean() < 8
 
 
 def test_sixteen_bit_images_keep_their_depth(tmp_path):
