@@ -49,6 +49,8 @@ def parse_hparams(pairs: list[str]) -> dict:
             hparams[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             hparams[key] = value
+        except (RecursionError, MemoryError):
+            raise ValueError(f"--set {key}: the value is nested too deeply to read") from None
     return hparams
 
 

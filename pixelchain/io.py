@@ -187,7 +187,10 @@ def read_array(path: Path) -> tuple[np.ndarray, np.ndarray | None, int | None]:
             raise ValueError(f"{path}: not a readable .npz archive ({error})") from None
         images, labels = arrays["images"], arrays.get("labels")
         if "num_levels" in arrays:
-            levels = int(arrays["num_levels"])
+            levels = arrays["num_levels"]
+            if levels.shape != () or not 2 <= int(levels) <= 65536:
+                raise ValueError(f"{path}: num_levels must be one integer in [2, 65536], got {levels.tolist()!r:.60}")
+            levels = int(levels)
     if images.ndim == 3:
         images = images[:, None]
     if images.ndim != 4 or images.shape[1] not in (1, 3) or 0 in images.shape:

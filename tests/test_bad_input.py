@@ -42,6 +42,7 @@ def world(tmp_path_factory):
     (root / "nested" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     (root / "floats.npy").write_bytes(b"")
     np.save(root / "floats.npy", np.zeros((2, 8, 8), np.float32))
+    np.savez(root / "levels.npz", images=np.zeros((5, 8, 8), np.uint8), num_levels=np.array([1, 2]))
     (root / "notes").mkdir()
     (root / "notes" / "readme.txt").write_text("no images here")
     (root / "broken").mkdir()
@@ -61,6 +62,8 @@ def cases(root):
         train + ["--dataset", str(root / "crafted.npy")],
         train + ["--dataset", str(root / "floats.npy")],
         train + ["--dataset", str(root / "broken")],
+        train + ["--dataset", str(root / "levels.npz")],
+        train + ["--set", "hidden=" + "[" * 3000 + "]" * 3000],
         train + ["--num-levels", "1"],
         train + ["--num-levels", "1000"],
         train + ["--binarize", "threshold", "--num-levels", "4"],

@@ -63,7 +63,7 @@ def check_sizes(**sizes: int | Sequence[int]) -> None:
     for name, value in sizes.items():
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         if not values or not all(is_integer(v) and v >= 1 for v in values):
-            raise ValueError(f"{name} must be a positive integer (or a list of them), got {value!r}")
+            raise ValueError(f"{name} must be a positive integer (or a list of them), got {value!r:.80}")
 
 
 def check_eps(eps: int, num_levels: int | None = None) -> int:
