@@ -1,6 +1,7 @@
 """Your own images: from Python (pc.data.from_images) and wherever the command line takes a dataset."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -94,3 +95,11 @@ def test_default_reference_uses_the_runs_levels(tmp_path, capsys):
     capsys.readouterr()
     main(["detect", str(run), str(tmp_path / "x.npy"), "--out", str(tmp_path / "detect")])
     assert "reference: 270 images" in capsys.readouterr().out
+
+
+def test_a_folder_is_read_once_per_state_and_again_when_it_changes(tmp_path):
+    x = digits_as_files(tmp_path / "f", 5)
+    assert torch.equal(pc.data.from_images(tmp_path / "f", "all").images[:, 0], torch.from_numpy(x).long())
+    Image.fromarray(255 - x[0]).save(tmp_path / "f" / "000.png")
+    os.utime(tmp_path / "f" / "000.png", ns=(1, 1))  # a new modification time, whatever the clock's resolution
+    assert pc.data.from_images(tmp_path / "f", "all").images[0, 0].tolist() == (255 - x[0]).tolist()

@@ -11,6 +11,7 @@ the rest train; the same files in the same order give the same splits on every m
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,27 @@ def split_rows(n: int, split: str) -> Tensor:
     return rows.sort().values
 
 
+@lru_cache(maxsize=1)
+def _read(path: Path, stamp: tuple, grey: bool | None, resize: tuple[int, int] | None):
+    """(images, labels or None, levels or None) of a folder, image file or array file; kept for the
+    next call on the same unchanged data (``stamp``: names and modification times), so a run's
+    train, valid and test splits read the files once."""
+    from .. import io
+
+    if path.suffix.lower() in io.ARRAY_SUFFIXES:
+        return io.read_array(path)
+    if resize is not None and (len(resize) != 2 or not all(isinstance(s, int) and s > 0 for s in resize)):
+        raise ValueError(f"resize must be two positive integers (H, W), got {resize!r}")
+    array, levels = io.read_image_files(io.image_files(path) if path.is_dir() else [path], 1 if grey else None,
+                                        resize)
+    return array, None, levels
+
+
+def _stamp(path: Path) -> tuple:
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    return tuple((f.name, f.stat().st_mtime_ns) for f in files)
+
+
 def from_images(
     source: str | Path | np.ndarray | Tensor,
     split: str = "all",
@@ -61,16 +83,11 @@ def from_images(
         path, name = Path(source), Path(source).stem or "images"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such folder or file")
-        if path.suffix.lower() in io.ARRAY_SUFFIXES:
-            array, file_labels, levels = io.read_array(path)
-            labels = file_labels if labels is None else labels
-        elif path.is_dir() or io.is_image_file(path):
-            if resize is not None and (len(resize) != 2 or not all(isinstance(s, int) and s > 0 for s in resize)):
-                raise ValueError(f"resize must be two positive integers (H, W), got {resize!r}")
-            array, levels = io.read_image_files(io.image_files(path) if path.is_dir() else [path],
-                                                1 if grey else None, resize)
-        else:
+        if not (path.is_dir() or path.suffix.lower() in io.ARRAY_SUFFIXES or io.is_image_file(path)):
             raise ValueError(f"{path}: not a folder of images, an image file, or a .npy/.npz array")
+        array, file_labels, levels = _read(path.resolve(), _stamp(path), grey, None if resize is None else
+                                           tuple(resize))
+        labels = file_labels if labels is None else labels
     else:
         array = source.numpy() if isinstance(source, Tensor) else np.asarray(source)
         if array.ndim == 3:
