@@ -73,7 +73,7 @@ def attack(
     """
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose from {ATTACKS}")
-    eps = check_eps(eps)
+    eps = check_eps(eps, classifier.num_levels)
     x, labels = classifier.check_input(x, labels)
     if labels is None:
         raise ValueError("attacks need the true labels [B]")

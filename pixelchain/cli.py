@@ -20,22 +20,24 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from . import attacks, checkpoint, codec, data, defend, plots, runtime
 from .classifiers import Classifier, list_classifiers
+from .io import count_images, dataset_split, read_images, read_integers, read_labels  # noqa: F401 - importable from here too
 from .models import list_models
 from .models.base import DECODE_BATCH
-from .run_dir import RunDir, result_record
+from .run_dir import STATE, RunDir, result_record
 from .train import TrainingDiverged, TrainOptions, evaluate, fit
 
 
@@ -50,11 +52,56 @@ def parse_hparams(pairs: list[str]) -> dict:
             hparams[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             hparams[key] = value
+        except (RecursionError, MemoryError):
+            raise ValueError(f"--set {key}: the value is nested too deeply to read") from None
     return hparams
 
 
+def dataset_record(spec: str, num_levels: int | None = None, binarize: str | None = None, grey: bool | None = None,
+                   resize: str | None = None) -> dict:
+    """What a run records of its data: a built-in dataset's name, or the user's images (a folder,
+    an image file, a .npy/.npz: ``data.from_images``) with their path and how many there were."""
+    if spec in data.list_datasets():
+        if grey or resize:
+            raise ValueError(f"--grey and --resize apply to your own images, not to the built-in {spec}")
+        return {"name": spec, "num_levels": num_levels, "binarize": binarize}
+    path = Path(spec)
+    if not path.is_dir() and not path.is_file():
+        raise ValueError(f"--dataset {spec!r}: not a built-in dataset ({', '.join(data.list_datasets())}) nor a "
+                         "folder of images, an image file or a .npy/.npz")
+    size = None
+    if resize is not None:
+        match = re.fullmatch(r"(\d+)x(\d+)", resize)
+        if not match or 0 in (size := [int(match[1]), int(match[2])]):
+            raise ValueError(f"--resize expects HxW (e.g. 32x32), got {resize!r}")
+    record = {"name": path.stem, "path": str(path.resolve()), "num_levels": num_levels, "binarize": binarize,
+              "grey": grey, "resize": size}
+    record["images"] = count_images(path)
+    return record
+
+
 def load_split(dataset: dict, split: str) -> data.ImageDataset:
-    return data.load(dataset["name"], split, num_levels=dataset.get("num_levels"), binarize=dataset.get("binarize"))
+    """``split`` of a dataset a run recorded (``dataset_record``)."""
+    options = {"num_levels": dataset.get("num_levels"), "binarize": dataset.get("binarize")}
+    if dataset.get("path") is None:
+        return data.load(dataset["name"], split, **options)
+    total = count_images(Path(dataset["path"]))
+    if dataset.get("images") not in (None, total):
+        raise ValueError(f"{dataset['path']} now holds {total} images, the run's {dataset['images']}: its splits "
+                         "would differ; restore the data or start a new run")
+    resize = dataset.get("resize")
+    return data.from_images(dataset["path"], split, grey=dataset.get("grey"), resize=resize and tuple(resize),
+                            **options)
+
+
+def model_dataset(spec: str | None, run: str, model: torch.nn.Module) -> dict:
+    """--dataset of eval / complete (default: the run's), your own images read at the model's
+    levels and channels."""
+    if not spec:
+        return run_dataset(run)
+    if spec in data.list_datasets():
+        return {"name": spec}
+    return {**dataset_record(spec, grey=model.image_shape[0] == 1), "num_levels": model.num_levels}
 
 
 def run_dataset(run: str) -> dict:
@@ -103,12 +150,36 @@ def train_options(args: argparse.Namespace, recorded: dict) -> TrainOptions:
     return TrainOptions(**{**recorded, **given})
 
 
+def refuse_changes(config: dict, args: argparse.Namespace) -> None:
+    """A resumed run keeps its model and data: refuse a --dataset, --num-levels, --binarize or model
+    that differs from the run's, naming the difference (as --set is refused)."""
+    recorded = config.get("dataset") or {}
+    given = {"model": args.model, "dataset": args.dataset, "num_levels": args.num_levels, "binarize": args.binarize,
+             "grey": args.grey}
+    runs = {"model": config["model"], "dataset": recorded.get("name"), "num_levels": recorded.get("num_levels"),
+            "binarize": recorded.get("binarize"), "grey": recorded.get("grey")}
+    if recorded.get("path") is not None and args.dataset is not None:  # the user's images: compare their paths
+        given["dataset"] = str(Path(args.dataset).resolve())
+        runs["dataset"] = recorded["path"]
+    if runs["dataset"] is None:  # an old config that records no dataset: nothing to compare with
+        del given["dataset"]
+    changed = [k for k, v in given.items() if v is not None and v != runs[k]]
+    if changed:
+        said = ", ".join(f"{k} {given[k]!r} (the run's: {runs[k]!r})" for k in changed)
+        raise ValueError(f"{said}: a resumed run keeps its model and data; start a new run to change them")
+
+
 def cmd_train(args) -> None:
-    run_dir = Path(args.run_dir or f"runs/{args.model}_{args.dataset}")
+    run_dir = Path(args.run_dir or f"runs/{args.model}_{Path(args.dataset or 'digits').stem}")
     hparams = parse_hparams(args.set)
     recorded = {}
+    if not args.resume:
+        RunDir(run_dir).refuse_existing(args.overwrite)  # before loading data, not after
     if args.resume:  # rebuild exactly what the run was started with
+        if not (run_dir / STATE).is_file():
+            raise FileNotFoundError(f"nothing to resume: {run_dir / STATE} does not exist")
         config = checkpoint.read_config(run_dir)
+        refuse_changes(config, args)
         kept = {k: v for k, v in config["args"].items() if k not in ("image_shape", "num_levels")}
         changed = {k: v for k, v in hparams.items() if kept.get(k) != (list(v) if isinstance(v, tuple) else v)}
         if changed:
@@ -116,9 +187,9 @@ def cmd_train(args) -> None:
                              f"its model ({config['model']}, {kept}); start a new run to change it")
         hparams, args.model = kept, config["model"]
         recorded = TrainOptions.recorded(config.get("train", {}))
-        dataset = config.get("dataset") or {"name": args.dataset}
+        dataset = config.get("dataset") or {"name": args.dataset or "digits"}
     else:
-        dataset = {"name": args.dataset, "num_levels": args.num_levels, "binarize": args.binarize}
+        dataset = dataset_record(args.dataset or "digits", args.num_levels, args.binarize, args.grey, args.resize)
     options = train_options(args, recorded)
     options.validate()
     device = runtime.pick_device(args.device)
@@ -137,8 +208,8 @@ def cmd_train(args) -> None:
         print(f"{args.model}: {params:,} parameters on {device}; {train!r}; run directory {run_dir}")
     run = RunDir(run_dir)
     with run.lock() if rank == 0 else contextlib.nullcontext():
-        summary = fit(model, train, valid, run_dir=run_dir, resume=args.resume, info={"dataset": dataset},
-                      options=options)
+        summary = fit(model, train, valid, run_dir=run_dir, resume=args.resume, overwrite=args.overwrite,
+                      info={"dataset": dataset}, options=options)
         test_metrics = evaluate(model, load_split(dataset, "test"))  # sharded: every process takes part
         if rank != 0:
             return
@@ -149,12 +220,12 @@ def cmd_train(args) -> None:
         if model.kind == "density" and not args.no_figures:
             plots.write_figures(model, load_split(dataset, "test"), run_dir,
                                 torch.Generator(device).manual_seed(options.seed))
-            print(f"wrote {run.samples} and {run.completions}")
+            print(f"wrote {run.samples}" + (f" and {run.completions}" if model.has_conditionals else ""))
 
 
 def cmd_eval(args) -> None:
     model = checkpoint.load(args.run, runtime.pick_device(args.device))
-    dataset = {"name": args.dataset} if args.dataset else run_dataset(args.run)
+    dataset = model_dataset(args.dataset, args.run, model)
     print(report(evaluate(model, load_split(dataset, args.split), progress=True), args.split))
 
 
@@ -162,6 +233,7 @@ def cmd_sample(args) -> None:
     device = runtime.pick_device(args.device)
     model = density_model(args.run, device)
     out = output_path(args.run, args.out, "samples.png")
+    plots.check_grid(args.n, model.image_shape)
     labels = None if args.label is None else torch.full((args.n,), args.label, device=device)
     start = time.perf_counter()
     samples = model.sample(args.n, generator=torch.Generator(device).manual_seed(args.seed), labels=labels,
@@ -175,84 +247,25 @@ def cmd_complete(args) -> None:
     device = runtime.pick_device(args.device)
     model = density_model(args.run, device)
     out = output_path(args.run, args.out, "completions.png")
-    test = load_split({"name": args.dataset} if args.dataset else run_dataset(args.run), args.split)
+    test = load_split(model_dataset(args.dataset, args.run, model), args.split)
     plots.draw_completions(model, test, out, args.n, args.per_image, torch.Generator(device).manual_seed(args.seed),
                            args.naive, args.batch_size)
     print(f"completions of {args.n} {args.split} images, bottom half occluded -> {out}")
 
 
-def read_images(spec: str, channels: int) -> torch.Tensor:
-    """Images int64 [N, C, H, W] from ``spec``: a dataset split ``NAME:SPLIT`` or ``NAME:SPLIT[A:B]``
-    (e.g. ``fashion_mnist:test[:1000]``), a ``.npy`` file of integers [N, C, H, W] or [N, H, W], or a
-    folder of PNGs (sorted by name; read as greyscale when ``channels`` is 1, else RGB)."""
-    path = Path(spec)
-    if spec.endswith(".npy"):
-        array = read_integers(path, "images")
-        if array.ndim == 3:
-            array = array[:, None]
-        return torch.from_numpy(array.astype(np.int64))
-    if path.is_dir():
-        files = sorted(path.glob("*.png"))
-        if not files:
-            raise ValueError(f"{spec}: no .png files in the folder")
-        mode = "L" if channels == 1 else "RGB"
-        arrays = [np.asarray(Image.open(f).convert(mode)) for f in files]
-        if len({a.shape for a in arrays}) != 1:
-            raise ValueError(f"{spec}: the PNGs differ in size")
-        array = np.stack(arrays)
-        return torch.from_numpy(array[:, None] if channels == 1 else array.transpose(0, 3, 1, 2)).long()
-    split, rows = dataset_split(spec)
-    return split.images[rows]
-
-
-def read_labels(spec: str, labels: str | None, count: int) -> torch.Tensor:
-    """int64 [count] labels of the images ``spec``: from ``labels`` (a .npy of integers [N]) when
-    given, else the labels of a dataset split ``NAME:SPLIT[A:B]``."""
-    if labels is not None:
-        y = torch.from_numpy(read_integers(Path(labels), "labels").astype(np.int64))
-        where = labels
-    elif spec.endswith(".npy") or Path(spec).is_dir():
-        raise ValueError(f"{spec} carries no labels: pass --labels FILE.npy (integers [N])")
-    else:
-        split, rows = dataset_split(spec)
-        if split.labels is None:
-            raise ValueError(f"{spec}: this dataset has no labels")
-        y, where = split.labels[rows], spec
-    if y.shape != (count,):
-        raise ValueError(f"{where}: expected labels of shape [{count}] (one per image), got {list(y.shape)}")
-    return y
-
-
-def read_integers(path: Path, what: str) -> np.ndarray:
-    """A .npy array of integers (``what`` names it in errors); never unpickles."""
-    array = np.load(path, allow_pickle=False)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"{path}: {what} must be integers, got dtype {array.dtype}")
-    return array
-
-
-def dataset_split(spec: str) -> tuple[data.ImageDataset, slice]:
-    """``NAME:SPLIT[A:B]`` -> the split and the slice of its rows."""
-    match = re.fullmatch(r"(\w+):([\w+]+)(?:\[(-?\d*):(-?\d*)\])?", spec)
-    if not match:
-        raise ValueError(f"{spec!r} is not a .npy file, a folder of PNGs, or NAME:SPLIT[A:B]")
-    name, split, a, b = match.groups()
-    return data.load(name, split), slice(int(a) if a else None, int(b) if b else None)
-
-
-def reference_spec(args) -> str:
+def reference_images(args, model: torch.nn.Module) -> tuple[torch.Tensor, str]:
+    """The clean images p-values rank against, and how to name them: --reference, else the valid
+    split of the run's dataset as it trained on it (levels, binarisation, its own images)."""
     if args.reference:
-        return args.reference
-    config = checkpoint.read_config(args.run)
-    if "dataset" not in config:
-        raise SystemExit(f"{args.run}: its config names no dataset; pass --reference")
-    return f"{config['dataset']['name']}:valid"
+        return read_images(args.reference, model.image_shape[0], model.num_levels), args.reference
+    dataset = run_dataset(args.run)
+    return load_split(dataset, "valid").images, f"{dataset['name']}:valid"
 
 
 def cmd_detect(args) -> None:
     model = checkpoint.load(args.run, runtime.pick_device(args.device))
-    x = read_images(args.images, model.image_shape[0])
-    reference = read_images(reference_spec(args), model.image_shape[0])
+    x = read_images(args.images, model.image_shape[0], model.num_levels)
+    reference, reference_name = reference_images(args, model)
     bpd = defend.bits_per_dim(model, x, args.batch_size)
     reference_bpd = defend.bits_per_dim(model, reference, args.batch_size)
     p = defend.p_values(bpd, reference_bpd)
@@ -261,7 +274,7 @@ def cmd_detect(args) -> None:
     rows = enumerate(zip(bpd.tolist(), p.tolist(), strict=True))
     lines = ["index,bits_per_dim,p_value"] + [f"{i},{b:.6f},{q:.6f}" for i, (b, q) in rows]
     (out / "p_values.csv").write_text("\n".join(lines) + "\n")
-    plots.save_histogram({args.images: bpd, f"reference {reference_spec(args)}": reference_bpd},
+    plots.save_histogram({args.images: bpd, f"reference {reference_name}": reference_bpd},
                          out / "bits_per_dim.png")
     for line in lines[1 : 1 + args.show]:
         print(line)
@@ -285,7 +298,7 @@ def save_levels(path: Path, x: torch.Tensor, num_levels: int) -> None:
 
 def cmd_attack(args) -> None:
     classifier = load_classifier(args.classifier, runtime.pick_device(args.device))
-    x = read_images(args.images, classifier.image_shape[0])
+    x = read_images(args.images, classifier.image_shape[0], classifier.num_levels)
     y = read_labels(args.images, args.labels, len(x))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -303,7 +316,7 @@ def cmd_attack(args) -> None:
 
 def cmd_purify(args) -> None:
     model = checkpoint.load(args.run, runtime.pick_device(args.device))
-    x = read_images(args.images, model.image_shape[0])
+    x = read_images(args.images, model.image_shape[0], model.num_levels)
     if args.classifier:  # its errors (a density model, labels missing or mismatched) before decoding
         classifier = load_classifier(args.classifier, runtime.pick_device(args.device))
         y = read_labels(args.images, args.labels, len(x))
@@ -313,7 +326,7 @@ def cmd_purify(args) -> None:
     if args.adaptive is None:
         purified = defend.purify(model, x, args.eps, batch_size=args.batch_size, naive=args.naive)
     else:  # half the reference ranks, the other half sets the threshold at the false-alarm rate
-        reference = read_images(reference_spec(args), model.image_shape[0])
+        reference = reference_images(args, model)[0]
         reference_bpd = defend.bits_per_dim(model, reference[::2], args.batch_size)
         clean_p = defend.p_values(defend.bits_per_dim(model, reference[1::2], args.batch_size), reference_bpd)
         threshold = defend.choose_threshold(clean_p, args.adaptive)
@@ -376,15 +389,24 @@ def cmd_list(args) -> None:
     print("pretrained: ", ", ".join(checkpoint.pretrained()) or "none")
 
 
-def positive(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def ranged(convert: Callable[[str], float], low: float, high: float = math.inf, what: str = "") -> Callable:
+    """An argparse type: ``convert(text)`` within [low, high], else an error saying what it expects."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive = ranged(int, 1, what="an integer >= 1")
+nonnegative = ranged(int, 0, what="an integer >= 0")
+probability = ranged(float, 0, 1, what="a number in [0, 1]")
 
 
 _FLAG_TYPES = {"int": int, "int | None": int, "float": float, "float | None": float}
@@ -409,22 +431,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model by maximum likelihood, then report the test NLL")
     p.add_argument("model", choices=list_models() + list_classifiers())
-    p.add_argument("--dataset", default="digits", choices=data.list_datasets())
+    p.add_argument("--dataset", help=f"a built-in dataset ({', '.join(data.list_datasets())}; default: digits, "
+                   "resuming: the run's), or your own images: a folder of them, an image file, a .npy/.npz of levels "
+                   "(valid and test splits carved out, 10%% each)")
     p.add_argument("--num-levels", type=int, help="quantise the dataset to this many levels")
     p.add_argument("--binarize", choices=["threshold", "dynamic"])
+    p.add_argument("--grey", action="store_true", default=None, help="your own images: read them as greyscale")
+    p.add_argument("--resize", metavar="HxW", help="your own images: resize them all to H x W")
     p.add_argument("--run-dir", help="default: runs/MODEL_DATASET")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a model hyperparameter")
     add_option_flags(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir (options not given are the run's)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model or run already in --run-dir")
     p.add_argument("--no-figures", action="store_true")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="NLL of a trained model on a split")
     p.add_argument("run", help="run directory or shipped checkpoint name")
     p.add_argument("--split", default="test")
-    p.add_argument("--dataset", help="default: the run's dataset")
+    p.add_argument("--dataset", help="a built-in dataset or your own images (default: the run's dataset)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
@@ -460,10 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", help=images_help)
     p.add_argument("--labels", help="true labels, a .npy of integers [N] (default: the dataset split's)")
     p.add_argument("--method", choices=attacks.ATTACKS, default="fgsm")
-    p.add_argument("--eps", type=int, default=8, help="L-inf radius in levels (0-255 units for 256 levels)")
+    p.add_argument("--eps", type=nonnegative, default=8, help="L-inf radius in levels (0-255 units for 256 levels)")
     p.add_argument("--out", default="adversarial", help="folder for adversarial.npy, labels.npy, before_after.png")
     p.add_argument("--batch-size", type=positive, default=128)
-    p.add_argument("--grid", type=int, default=16, help="images in the before/after figure")
+    p.add_argument("--grid", type=positive, default=16, help="images in the before/after figure")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-noise attack")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_attack)
@@ -474,20 +501,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="held-out clean images the p-values rank against (default: the model's "
                    "dataset, valid split)")
     p.add_argument("--out", default="detect", help="folder for p_values.csv and bits_per_dim.png")
-    p.add_argument("--alpha", type=float, default=0.05, help="report the share of images with p <= alpha")
-    p.add_argument("--show", type=int, default=10, help="print the first this many p-values")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--alpha", type=probability, default=0.05, help="report the share of images with p <= alpha")
+    p.add_argument("--show", type=nonnegative, default=10, help="print the first this many p-values")
+    p.add_argument("--batch-size", type=positive, default=256)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("purify", help="PixelDefend purification: each pixel the most likely value within eps")
     p.add_argument("run", help="density model: run directory or shipped checkpoint name")
     p.add_argument("images", help=images_help)
-    p.add_argument("--eps", type=int, default=16, help="window radius in levels (0-255 units for 256 levels)")
+    p.add_argument("--eps", type=nonnegative, default=16, help="window radius in levels (0-255 units for 256 levels)")
     p.add_argument("--out", default="purified", help="folder for purified.npy and before_after.png")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--grid", type=int, default=16, help="images in the before/after figure")
-    p.add_argument("--adaptive", type=float, metavar="FALSE_ALARM",
+    p.add_argument("--batch-size", type=positive, default=64)
+    p.add_argument("--grid", type=positive, default=16, help="images in the before/after figure")
+    p.add_argument("--adaptive", type=probability, metavar="FALSE_ALARM",
                    help="adaptive PixelDefend: purify only images with p <= a threshold that purifies this share "
                    "of clean --reference images (e.g. 0.05); the others stay unchanged")
     p.add_argument("--reference", help="clean images for --adaptive (default: the model's dataset, valid split)")

@@ -159,7 +159,7 @@ def decode(
     with intra_op_threads(threads_for(model.op_work(len(x), step=not naive), "evaluate" if naive else "decode")):
         x = x.clone(memory_format=torch.contiguous_format)
         canvas = DimensionViews(x)
-        decoder = NaiveDecoder(model, x, labels) if naive else model.decoder(x, labels)
+        decoder = model.naive_decoder(x, labels) if naive else model.decoder(x, labels)
         for step, (c, h, w) in enumerate(tqdm(order, desc="decoding", unit="dim", disable=not progress)):
             canvas(c, h, w).copy_(policy(decoder.conditional(step, c, h, w), c, h, w))
             decoder.final(step, c, h, w)

@@ -124,7 +124,7 @@ def adaptive_purify(
     ``reference_bpd`` is <= ``threshold`` (see ``choose_threshold``); the others get eps = 0 and
     stay as they are. Returns (images int64 [N, C, H, W], purified bool [N]). ``bpd``: the images'
     bits/dim if already computed."""
-    x, eps = model.check_input(x)[0], check_eps(eps)
+    x, eps = model.check_input(x)[0], check_eps(eps, model.num_levels)
     if bpd is None:
         bpd = bits_per_dim(model, x, progress=progress)
     touched = p_values(bpd, reference_bpd) <= threshold

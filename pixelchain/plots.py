@@ -34,6 +34,19 @@ def grid(rows: list[np.ndarray], scale: int = 2, pad: int = 1, background: int =
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
 
 
+def check_grid(n: int, image_shape: tuple[int, int, int], ncols: int = 8, scale: int = 3) -> None:
+    """ValueError unless a grid of ``n`` images (``save_samples``'s) stays within the pixels Pillow
+    (and image viewers) accept: checked before the images are drawn."""
+    _, H, W = image_shape
+    if Image.MAX_IMAGE_PIXELS is None:  # the user lifted Pillow's limit
+        return
+    pixels = -(-n // ncols) * min(n, ncols) * H * W * scale * scale
+    if pixels > Image.MAX_IMAGE_PIXELS:
+        most = Image.MAX_IMAGE_PIXELS // (H * W * scale * scale) // ncols * ncols
+        raise ValueError(f"a PNG grid of {n} images of {H}x{W} would hold {pixels:,} pixels, more than the "
+                         f"{Image.MAX_IMAGE_PIXELS:,} Pillow accepts: draw at most {most}")
+
+
 def save_samples(images: Tensor, num_levels: int, path: str | Path, ncols: int = 8, scale: int = 3) -> Path:
     """Save images [N, C, H, W] as a grid of ``ncols`` columns."""
     pixels = to_pixels(images, num_levels)
@@ -72,6 +85,9 @@ def draw_completions(model: torch.nn.Module, test: ImageDataset, path: str | Pat
                      batch_size: int | None = None) -> Path:
     """completions figure of ``n`` test images spread over ``test`` (some splits are sorted by
     class), bottom half occluded, ``per_image`` completions each."""
+    if n > len(test):
+        raise ValueError(f"{n} images to complete, but {test!r} holds {len(test)}")
+    check_grid(n * (per_image + 2), model.image_shape, ncols=per_image + 2)
     index = torch.linspace(0, len(test) - 1, n).long()
     x = test.images[index].to(model.device)
     labels = None if not getattr(model, "num_classes", None) else test.labels[index].repeat_interleave(per_image)
@@ -83,12 +99,14 @@ def draw_completions(model: torch.nn.Module, test: ImageDataset, path: str | Pat
 
 def write_figures(model: torch.nn.Module, test: ImageDataset, run_dir: str | Path,
                   generator: torch.Generator | None = None, naive: bool = False) -> None:
-    """A run's figures: samples.png (64 samples) and completions.png (8 test images, 4 each)."""
+    """A run's figures: samples.png (64 samples) and completions.png (8 test images, 4 each; not for
+    a model without conditionals, ``has_conditionals``)."""
     run = RunDir(run_dir)
     labels = torch.arange(64, device=model.device) % model.num_classes if getattr(model, "num_classes", None) else None
     samples = model.sample(64, generator=generator, labels=labels, naive=naive, progress=True)
     save_samples(samples, model.num_levels, run.samples)
-    draw_completions(model, test, run.completions, 8, 4, generator, naive)
+    if model.has_conditionals:
+        draw_completions(model, test, run.completions, 8, 4, generator, naive)
 
 
 def save_before_after(before: Tensor, after: Tensor, num_levels: int, path: str | Path, ncols: int = 8,

@@ -10,6 +10,10 @@ import inspect
 from importlib import import_module
 from typing import Any
 
+import torch
+
+from .runtime import check_fits
+
 
 class Registry:
     """Names -> classes of one ``kind`` ('model', 'classifier'), built from ``families`` of ``package``.
@@ -47,6 +51,11 @@ class Registry:
         unknown = sorted(set(args) - set(known) - set(self.fixed))
         if unknown:
             raise ValueError(f"{name} has no hyperparameter {', '.join(unknown)}; its hyperparameters are {known}")
+        with torch.device("meta"):  # its size first, without allocating it
+            meta = cls(**args)
+        nbytes = sum(t.numel() * t.element_size() for t in [*meta.parameters(), *meta.buffers()])
+        shown = ", ".join(f"{k}={v!r}" for k, v in args.items() if k not in self.fixed)
+        check_fits(nbytes, f"{name}({shown})")
         return cls(**args)
 
     def _import_families(self) -> None:

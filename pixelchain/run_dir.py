@@ -71,7 +71,8 @@ def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
 
 def load_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, Tensor], dict[str, str]]:
     """Read a safetensors file, verifying its digest when it has one (files written before digests
-    were recorded have none); ValueError names the file when it is truncated, corrupt or altered."""
+    were recorded, or by other tools, have none: those must at least hold finite floats); ValueError
+    names the file when it is truncated, corrupt or altered."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing")
     try:
@@ -82,6 +83,11 @@ def load_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[s
         raise ValueError(f"{path} is truncated, corrupt or not a safetensors file ({error})") from None
     if DIGEST in metadata and tensor_digest(tensors) != metadata[DIGEST]:
         raise ValueError(f"{path} is corrupt: its tensors do not match the SHA-256 recorded when it was saved")
+    if DIGEST not in metadata:  # nothing vouches for the bytes: at least no NaN or infinite weights
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(f"{path} has no SHA-256 to verify and holds NaN or infinite values in "
+                             f"{', '.join(sorted(bad)[:3])}{' ...' if len(bad) > 3 else ''}: corrupt, or not weights")
     return {k: v.to(device) for k, v in tensors.items()}, metadata
 
 
@@ -133,6 +139,24 @@ class RunDir:
                 del _held[key]
                 os.close(fd)  # releases the lock
 
+    # ----------------------------------------------------------------- a new run over an old one
+    def held(self) -> list[str]:
+        """The files of a model or run already here (config, weights, trainer state)."""
+        return [name for name in (CONFIG, WEIGHTS, STATE) if (self / name).exists()]
+
+    def refuse_existing(self, overwrite: bool = False) -> None:
+        """Raise FileExistsError if the directory holds a model or run (``pc.save``'s, a run's, a
+        copy of a shipped checkpoint), unless ``overwrite``: a new run never replaces one silently."""
+        held = self.held()
+        if held and not overwrite:
+            raise FileExistsError(f"{self.path} already holds a model ({', '.join(held)}): resume it (--resume), "
+                                  "replace it (--overwrite), or choose another run directory")
+
+    def clear(self) -> None:
+        """Remove every file a run writes here (what ``overwrite`` replaces); other files stay."""
+        for name in (CONFIG, WEIGHTS, STATE, METRICS, RESULT, CHECK, SAMPLES, COMPLETIONS):
+            (self / name).unlink(missing_ok=True)
+
     # ----------------------------------------------------------------- config
     def write_config(self, config: dict) -> None:
         """config.json (creating the directory)."""
@@ -144,8 +168,9 @@ class RunDir:
         path = self / CONFIG
         try:
             config = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is corrupt or not a pixelchain config ({error})") from None
+        except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is corrupt or not a pixelchain config ({type(error).__name__}: "
+                             f"{str(error)[:80]})") from None
         args = config.get("args") if isinstance(config, dict) else None
         problem = (
             "it is not a JSON object" if not isinstance(config, dict)

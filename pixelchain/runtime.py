@@ -178,3 +178,28 @@ def intra_op_threads(n: int) -> Iterator[None]:
     finally:
         if torch.get_num_threads() != previous:
             torch.set_num_threads(previous)
+
+
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes that can still be allocated on ``device``: the GPU's free memory, or the host's
+    MemAvailable (Linux; else the free physical pages)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(nbytes: int, what: str, device: torch.device | str = "cpu") -> None:
+    """ValueError naming ``what`` when ``nbytes`` exceed what ``device`` has free: checked before
+    allocating, so a size the memory cannot hold is an error, not an allocator's traceback."""
+    free = available_memory(device)
+    if nbytes > free:
+        raise ValueError(f"{what} needs {nbytes / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on "
+                         f"{torch.device(device).type}; ask for less")

@@ -299,7 +299,8 @@ class Trainer:
     Arguments as :func:`fit`'s."""
 
     def __init__(self, model: nn.Module, train: ImageDataset, valid: ImageDataset | None, options: TrainOptions,
-                 *, run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+                 *, run_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True,
                  info: dict | None = None, monitor: dict[str, ImageDataset] | None = None,
                  penalty: Callable[[nn.Module], Tensor] | None = None) -> None:
         options.validate()
@@ -317,9 +318,12 @@ class Trainer:
             )
         if resume and run_dir is None:
             raise ValueError("resume=True needs a run_dir")
+        if resume and overwrite:
+            raise ValueError("pass resume or overwrite, not both")
         self.model, self.train, self.valid, self.options = model, train, valid, options
         self.run_dir = RunDir(run_dir) if run_dir is not None else None
-        self.resume, self.progress, self.info, self.monitor, self.penalty = resume, progress, info, monitor, penalty
+        self.resume, self.overwrite, self.progress, self.info = resume, overwrite, progress, info
+        self.monitor, self.penalty = monitor, penalty
         self.device = next(model.parameters()).device
         self.optimizer = adam(model, options.lr, options.weight_decay)
         self.state = TrainerState()
@@ -356,8 +360,9 @@ class Trainer:
             if any(recorded.get(k, getattr(opts, k)) != getattr(opts, k) for k in ("lr", "lr_decay")):
                 for group in self.optimizer.param_groups:  # honour a new schedule from this epoch on
                     group["lr"] = opts.lr * opts.lr_decay ** state.epoch
-        elif (run / STATE).exists():
-            raise FileExistsError(f"{run.path} already holds a run: resume it (resume=True) or choose a new run_dir")
+        elif self.main:  # the other processes would see the config it writes next
+            run.refuse_existing(self.overwrite)
+            run.clear()
         if self.main:
             train_config = {**asdict(opts), "batch_size": opts.batch_size * self.world, "processes": self.world,
                             "penalty": None if self.penalty is None else getattr(self.penalty, "__name__",
@@ -542,6 +547,7 @@ def fit(
     *,
     run_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     info: dict | None = None,
     monitor: dict[str, ImageDataset] | None = None,
@@ -557,6 +563,8 @@ def fit(
         resume: continue the run in ``run_dir`` from its trainer state. A new ``lr``/``lr_decay`` is
             honoured from the current epoch on; ``weight_decay``, and mid-epoch ``batch_size``, the
             number of processes and ``seed``, must stay as the run recorded them.
+        overwrite: replace a model or run already in ``run_dir`` (its files are removed); without it
+            (or ``resume``) a ``run_dir`` holding one (``pc.save``'s, a run's) is refused.
         progress: progress bars and a line per evaluation.
         info: extra entries for config.json (e.g. the dataset name).
         monitor: more splits evaluated and logged at each evaluation (e.g. {"test": test} for a
@@ -572,8 +580,8 @@ def fit(
         set the model ends holding the weights of its best evaluation.
     """
     options = TrainOptions(**{**asdict(options or TrainOptions()), **overrides})
-    return Trainer(model, train, valid, options, run_dir=run_dir, resume=resume, progress=progress, info=info,
-                   monitor=monitor, penalty=penalty).run()
+    return Trainer(model, train, valid, options, run_dir=run_dir, resume=resume, overwrite=overwrite,
+                   progress=progress, info=info, monitor=monitor, penalty=penalty).run()
 
 
 __all__ = ["Interrupted", "TrainOptions", "Trainer", "TrainerState", "TrainingDiverged", "adam", "evaluate", "fit",

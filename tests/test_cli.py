@@ -11,6 +11,7 @@ import pytest
 from conftest import train_under_torchrun
 from PIL import Image
 
+import pixelchain as pc
 from pixelchain.cli import main
 
 SMALL_GATED = ["--set", "channels=8", "--set", "num_layers=2", "--set", "head_channels=8"]
@@ -130,3 +131,32 @@ def test_train_flags_are_the_training_options():
     given = parse(["train", "fvsbn", *[x for flag in every for x in ([flag] if flag in ("--compile", "--amp")
                                                                      else [flag, "1"])]])
     assert all(hasattr(given, f.name) for f in dataclasses.fields(TrainOptions))
+
+
+def test_train_never_replaces_a_saved_model_unless_asked(tmp_path, capsys):
+    saved = pc.save(pc.create("fully_visible", (1, 8, 8), 17), tmp_path / "saved")
+    before = (saved / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "fully_visible", "--dataset", "digits", "--run-dir", str(saved), "--max-steps", "1"])
+    assert exit_.value.code == 1 and "already holds a model" in capsys.readouterr().err
+    assert (saved / "model.safetensors").read_bytes() == before and not (saved / "trainer_state.safetensors").exists()
+    main(["train", "fully_visible", "--dataset", "digits", "--run-dir", str(saved), "--epochs", "1", "--overwrite",
+          "--no-figures"])
+    assert (saved / "model.safetensors").read_bytes() != before
+
+
+@pytest.mark.parametrize("change,named", [(["--dataset", "mnist"], "dataset 'mnist'"),
+                                          (["--num-levels", "4"], "num_levels 4"),
+                                          (["--binarize", "threshold"], "binarize 'threshold'")])
+def test_resume_refuses_other_data_naming_the_difference(tmp_path, capsys, change, named):
+    run = tmp_path / "run"
+    main(["train", "fully_visible", "--dataset", "digits", "--run-dir", str(run), "--max-steps", "1", "--no-figures"])
+    state = (run / "trainer_state.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "fully_visible", "--run-dir", str(run), "--resume", *change])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and named in err and "the run's" in err, err
+    assert (run / "trainer_state.safetensors").read_bytes() == state
+    with pytest.raises(SystemExit):
+        main(["train", "fvsbn", "--run-dir", str(run), "--resume"])
+    assert "model 'fvsbn'" in capsys.readouterr().err

@@ -479,3 +479,45 @@ def test_levels_and_binarisation():
     fresh = dynamic.batch(index, torch.Generator().manual_seed(1))
     assert not torch.equal(fresh, dynamic.images)
     assert abs(fresh.float().mean() - dynamic.intensities.mean()) < 0.02
+
+
+def test_downloads_refuse_plain_http_other_hosts_and_oversized_files(server, monkeypatch, no_data):
+    """https only (http to this machine alone, for local mirrors), redirects only to the same host,
+    and no more bytes than the source table allows; each refusal named, nothing left in the cache."""
+    base, www, requests = server
+    bits = np.ones((2, 784), int)
+    (www / "binarized_mnist_test.amat").write_bytes(amat_bytes(bits))
+    name = "binarized_mnist_test.amat"
+
+    def attempt(urls, **change):
+        patch_catalogue(monkeypatch, "binarized_mnist", {name: amat_bytes(bits)}, urls={name: urls})
+        source = sources.SOURCES["binarized_mnist"]
+        files = {p: tuple(replace(f, **change) for f in fs) for p, fs in source.files.items()}
+        monkeypatch.setitem(sources.SOURCES, "binarized_mnist", replace(source, files=files))
+        with pytest.raises(DataError) as error:
+            load("binarized_mnist", "test", download=True)
+        assert cache_files() == []
+        return str(error.value)
+
+    assert "https only" in attempt(("http://example.invalid/" + name,))
+    assert "more than the 100 bytes expected" in attempt((f"{base}/{name}",), max_bytes=100)
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", self.path.lstrip("/").replace("to/", "", 1))
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        hop = f"http://127.0.0.1:{httpd.server_port}/to/"
+        assert "https only" in attempt((hop + "http://example.invalid/" + name,))
+        assert "another host" in attempt((hop + "https://example.invalid/" + name,))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert requests == [f"/{name}"]  # reached by the size-capped attempt alone, never through a redirect

@@ -3,11 +3,12 @@
 import itertools
 import math
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 import pixelchain as pc
-from pixelchain.decode import NaiveDecoder
+from pixelchain.decode import NaiveDecoder, decode
 
 
 def enumerate_images(shape, K):
@@ -36,6 +37,48 @@ def test_made_ensemble_is_normalised_and_a_mean_of_likelihoods():
     torch.testing.assert_close(ensemble, mean_of_likelihoods)
     for single in per_mask:  # each mask alone is a normalised autoregressive model too
         assert abs(single.exp().sum().item() - 1) < 1e-9
+
+
+def test_made_ensemble_conditionals_are_the_mixtures():
+    """Masks sharing one order: log_prob_map gives the mixture's conditionals (normalised, autoregressive,
+    summing to log_prob), and the decoders condition on exactly those."""
+    torch.manual_seed(0)
+    model = randomised(pc.create("made", (1, 2, 3), 3, hidden=(12,), num_masks=4))
+    every = enumerate_images((1, 2, 3), 3)
+    with torch.no_grad():
+        maps = model.raster(model.log_prob_map(every))
+        torch.testing.assert_close(maps.sum(1), model.log_prob(every))
+        for d in range(6):  # normalised: over the values of d, the others held
+            alternatives = [model.raster(model.log_prob_map(every.view(-1, 6).index_fill(1, torch.tensor([d]), v)
+                                                            .view(-1, 1, 2, 3)))[:, d] for v in range(3)]
+            torch.testing.assert_close(torch.stack(alternatives).logsumexp(0), torch.zeros(len(every),
+                                                                                            dtype=torch.float64))
+            later = every.view(-1, 6).clone()  # autoregressive: dimensions after d do not change it
+            later[:, d + 1:] = (later[:, d + 1:] + 1) % 3
+            torch.testing.assert_close(model.raster(model.log_prob_map(later.view(-1, 1, 2, 3)))[:, d], maps[:, d])
+        x = every[::37]
+        for naive in (False, True):  # decoding x itself: each conditional, at x's value, is the map's
+            seen = []
+
+            def keep(log_probs, c, h, w, seen=seen):
+                seen.append(log_probs.gather(1, x[:, c, h, w, None]).squeeze(1))
+                return x[:, c, h, w]
+
+            assert torch.equal(decode(model, x, keep, naive=naive), x)
+            torch.testing.assert_close(torch.stack(seen, 1), model.raster(model.log_prob_map(x)))
+
+
+def test_made_ensemble_in_different_orders_refuses_what_it_cannot_compute():
+    model = randomised(pc.create("made", (1, 2, 2), 2, hidden=(8,), num_masks=3, order_agnostic=True))
+    x = torch.zeros(2, 1, 2, 2, dtype=torch.long)
+    for call in (lambda: model.log_prob_map(x), lambda: model.complete(x, x == 0), lambda: model.purify(x, 1)):
+        with pytest.raises(ValueError, match="different orders"):
+            call()
+    samples = model.sample(200, generator=torch.Generator().manual_seed(0))  # exact: a member per image
+    every = enumerate_images((1, 2, 2), 2)
+    counts = (samples.view(-1, 1, 4) == every.view(1, -1, 4)).all(2).sum(0).double()
+    expected = model.log_prob(every).exp() * 200
+    assert ((counts - expected) ** 2 / expected).sum() < 45  # chi-square, 15 degrees of freedom: p < 1e-4
 
 
 def test_made_order_agnostic_decodes_in_its_own_order():
@@ -181,3 +224,11 @@ def test_single_mask_made_skips_masked_out_weights_and_matches_the_dense_product
     torch.testing.assert_close(blocked, dense)
     for got, want in zip(blocked_grads, dense_grads, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_an_order_agnostic_ensemble_trains_from_the_command_line(tmp_path, capsys):
+    from pixelchain.cli import main
+
+    main(["train", "made", "--dataset", "digits", "--set", "hidden=(16,)", "--set", "num_masks=2", "--set",
+          "order_agnostic=True", "--run-dir", str(tmp_path / "run"), "--epochs", "1"])
+    assert (tmp_path / "run" / "samples.png").is_file() and not (tmp_path / "run" / "completions.png").exists()

@@ -106,8 +106,20 @@ def test_refuses_to_overwrite_or_resume_nothing(digits, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         pc.fit(new_model(digits), train, valid, run_dir=tmp_path / "new", resume=True, progress=False)
     pc.fit(new_model(digits), train, valid, run_dir=tmp_path / "run", max_steps=1, progress=False)
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(FileExistsError, match="already holds a model"):
         pc.fit(new_model(digits), train, valid, run_dir=tmp_path / "run", progress=False)
+
+
+def test_a_saved_model_is_never_replaced_unless_asked(digits, tmp_path):
+    train, valid = digits
+    saved = pc.save(new_model(digits), tmp_path / "saved")  # no trainer state: pc.save's folder
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    with pytest.raises(FileExistsError, match="already holds a model"):
+        pc.fit(new_model(digits), train, valid, run_dir=saved, max_steps=1, progress=False)
+    assert {p.name: p.read_bytes() for p in saved.iterdir() if p.name != ".lock"} == before
+    pc.fit(new_model(digits), train, valid, run_dir=saved, epochs=1, progress=False, overwrite=True)
+    assert (saved / "trainer_state.safetensors").is_file()
+    assert (saved / "model.safetensors").read_bytes() != before["model.safetensors"]
 
 
 def test_nan_loss_stops_with_a_clear_error_and_an_intact_checkpoint(digits, tmp_path):

@@ -9,6 +9,8 @@ Datasets (``list_datasets()``), all with splits "train", "valid", "test" and "tr
 - caltech101_silhouettes: 28x28 split 1, 1x28x28, 2 levels, labels 0..100; flipped so that 1 = object
   (the file stores 0 = silhouette), 4100/2264/2307.
 - cifar10: 3x32x32, 256 levels, labels; valid = the last 5,000 training images.
+
+Your own images (a folder, an image file, a .npy/.npz, an array): ``from_images(source, split)``.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import torch
 from . import sources
 from .dataset import ImageDataset
 from .download import DataError, fetch
+from .images import from_images
 from .transforms import check_options, quantize, transform
 
-__all__ = ["DataError", "ImageDataset", "list_datasets", "load", "quantize"]
+__all__ = ["DataError", "ImageDataset", "from_images", "list_datasets", "load", "quantize"]
 
 
 def list_datasets() -> list[str]:

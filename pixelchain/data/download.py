@@ -5,6 +5,9 @@ Search order for each file: the ``root`` argument, then each folder of ``$PIXELC
 folders, then the cache ``$PIXELCHAIN_CACHE`` (default ``$XDG_CACHE_HOME/pixelchain`` or
 ``~/.cache/pixelchain``) as ``<cache>/<dataset>/<file>``. A file may be stored gzip'ed as
 ``<file>.gz``. Whatever is found is verified before use: a corrupt copy is an error, never skipped.
+
+Downloads go over https only (plain http only to this machine, a local mirror), follow redirects
+only to https on the same host, and stop at the file's ``max_bytes`` from the source table.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import hashlib
 import http.client
 import os
 import tarfile
+import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from pathlib import Path, PurePosixPath
@@ -82,6 +87,28 @@ def _verify(source: Source, file: File, path: Path) -> Path:
     return path
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_url(url: str, came_from: str | None = None) -> None:
+    """URLError unless ``url`` is https (or http to this machine) and, when it is a redirect from
+    ``came_from``, on the same host."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https" and not (parts.scheme == "http" and parts.hostname in LOOPBACK):
+        raise urllib.error.URLError(f"refused {url}: downloads go over https only")
+    if came_from is not None and parts.hostname != urllib.parse.urlsplit(came_from).hostname:
+        raise urllib.error.URLError(f"refused the redirect to {url}: another host than {came_from}'s")
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        check_url(newurl, req.full_url)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_opener = urllib.request.build_opener(_CheckedRedirects())
+
+
 def _download(source: Source, file: File) -> Path:
     """Try each mirror in order; a copy lands in the cache only after its checksum matched."""
     errors = []
@@ -90,10 +117,15 @@ def _download(source: Source, file: File) -> Path:
         part = dest.with_name(dest.name + ".part")
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
+            check_url(url)
+            with _opener.open(url, timeout=60) as r, open(part, "wb") as f:
                 size = int(r.headers.get("Content-Length") or 0) or None
+                if size is not None and size > file.max_bytes:
+                    raise urllib.error.URLError(f"{size:,} bytes, more than the {file.max_bytes:,} bytes expected")
                 with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name) as bar:
                     while chunk := r.read(1 << 16):
+                        if f.tell() + len(chunk) > file.max_bytes:
+                            raise urllib.error.URLError(f"more than the {file.max_bytes:,} bytes expected")
                         f.write(chunk)
                         bar.update(len(chunk))
             got = payload_digest(part, file.algo, _is_gzipped(dest, file))

@@ -27,6 +27,7 @@ class File:
     algo: str = "sha256"
     urls: tuple[str, ...] = ()  # mirrors, tried in order
     archive: File | None = None  # the archive it is extracted from when no copy is found
+    max_bytes: int = 64 << 20  # a download larger than this (as sent) is refused
 
 
 Reader = Callable[[list[Path], str], tuple[np.ndarray, np.ndarray | None]]
@@ -96,21 +97,21 @@ def _read_cifar(paths: list[Path], part: str) -> tuple[np.ndarray, np.ndarray]:
 # Caltech-101 Silhouettes: md5 4483e9c1... equals the published one.
 # CIFAR-10: the md5s published for the archive and its batches (no copy was at hand).
 
-MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://yann.lecun.com/exdb/mnist/")
 MNIST_SHA256 = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
     "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
-FASHION_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
+FASHION_MIRRORS = ("https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",)
 FASHION_SHA256 = {
     "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
     "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
     "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
     "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
-BINARIZED_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
+BINARIZED_URL = "https://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
 BINARIZED_SHA256 = {
     "train": "ad693b29f94c14277b095f5238ddefbbdaaae0939789dd2f4f0205278cee3e4d",
     "valid": "1de3d397c40fe8eeb33dafd4099a1f665ec01e96d9be234aaeeac8a34930e2e2",
@@ -126,6 +127,7 @@ CIFAR_ARCHIVE = File(
     "c58f30108f718f92721af3b95e74349a",
     "md5",
     urls=("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",),
+    max_bytes=256 << 20,  # 163 MiB
 )
 CIFAR_MD5 = {
     "data_batch_1": "c99cafc152244af753f735de768cd75f",
@@ -167,7 +169,8 @@ SOURCES: dict[str, Source] = {
         Source(
             "binarized_mnist", (1, 28, 28), 2,
             {
-                s: (File(f"binarized_mnist_{s}.amat", h, urls=(f"{BINARIZED_URL}binarized_mnist_{s}.amat",)),)
+                s: (File(f"binarized_mnist_{s}.amat", h, urls=(f"{BINARIZED_URL}binarized_mnist_{s}.amat",),
+                         max_bytes=128 << 20),)  # train: 78 MiB of text
                 for s, h in BINARIZED_SHA256.items()
             },
             _read_amat, {s: (s, ALL) for s in ("train", "valid", "test")},

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..decode import ConvDecoder, Decoder, KeepObserved, MostLikelyInWindow, NaiveDecoder, Policy, Sample, decode
 from ..heads import Head
-from ..runtime import intra_op_threads, threads_for
+from ..runtime import check_fits, intra_op_threads, threads_for
 
 
 def check_images(x: Tensor, image_shape: tuple[int, int, int], num_levels: int) -> Tensor:
@@ -63,15 +63,24 @@ def check_sizes(**sizes: int | Sequence[int]) -> None:
     for name, value in sizes.items():
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         if not values or not all(is_integer(v) and v >= 1 for v in values):
-            raise ValueError(f"{name} must be a positive integer (or a list of them), got {value!r}")
+            raise ValueError(f"{name} must be a positive integer (or a list of them), got {value!r:.80}")
 
 
-def check_eps(eps: int) -> int:
-    """A window radius / perturbation bound in levels: a whole number >= 0, else ValueError."""
+def check_eps(eps: int, num_levels: int | None = None) -> int:
+    """A window radius / perturbation bound in levels: a whole number >= 0, else ValueError. Given
+    the levels, one beyond num_levels - 1 is num_levels - 1: the same window (every level), in
+    numbers every op can hold."""
     if (isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or int(eps) != eps
             or eps < 0):
         raise ValueError(f"eps must be a whole number of levels >= 0, got {eps!r}")
-    return int(eps)
+    return int(eps) if num_levels is None else min(int(eps), num_levels - 1)
+
+
+def check_odd(**sizes: int) -> None:
+    """ValueError unless every size is odd: the kernels whose masks centre on the current pixel."""
+    for name, value in sizes.items():
+        if value % 2 == 0:
+            raise ValueError(f"{name} must be odd (its mask centres on the current pixel), got {value}")
 
 
 class RecordsInitArgs:
@@ -246,6 +255,16 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         """The decoder ``sample`` and ``complete`` use; models override it with a cached one."""
         return NaiveDecoder(self, x, labels)
 
+    @property
+    def has_conditionals(self) -> bool:
+        """Whether ``log_prob_map``, ``complete`` and ``purify`` are defined (a mixture of models in
+        different orders has none that are tractable: MADE's order-agnostic ensemble)."""
+        return True
+
+    def naive_decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
+        """The reference decoder ``naive=True`` runs: a full forward pass per step."""
+        return NaiveDecoder(self, x, labels)
+
     def pixel_params(self, decoder: ConvDecoder, h: int, w: int) -> Tensor:
         """For a ConvDecoder: the head's parameters at pixel (h, w), [B, P], computed through
         ``decoder.caches.at(...)`` (and ``decoder.per_row`` for work a row shares)."""
@@ -270,12 +289,13 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         progress: bool = False,
         batch_size: int | None = DECODE_BATCH,
     ) -> Tensor:
-        """Draw n images: int64 [n, C, H, W], ``batch_size`` at a time (None: all at once).
+        """Draw n images: int64 [n, C, H, W], ``batch_size`` at a time (None: all at once), the
+        decoders' memory bounded by the batch; ValueError if the n images cannot fit in memory.
         ``naive=True`` runs the reference decoder; a class-conditional model needs ``labels`` [n]."""
         if not is_integer(n) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        with intra_op_threads(1):  # a small op, as check_input's
-            x = torch.zeros(n, *self.image_shape, dtype=torch.long, device=self.device)
+        check_fits(n * self.num_dims * 8, f"{n} samples of {self.image_shape}", self.device)
+        x = torch.zeros((), dtype=torch.long, device=self.device).expand(n, *self.image_shape)  # no memory
         _, labels = self.check_input(x, labels)
         policy = Sample(generator, temperature)
         return self._decode_in_batches(x, labels, lambda i: policy, batch_size, naive, progress)
@@ -311,12 +331,13 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
         step = len(x) if batch_size is None else batch_size
-        parts = [slice(i, i + step) for i in range(0, len(x), step)]
+        out = torch.empty(x.shape, dtype=torch.long, device=x.device)  # written batch by batch
         with self._eval_mode():
-            decoded = [decode(self, x[i], policy_for(i), None if labels is None else labels[i], naive=naive,
-                              progress=progress) for i in parts]
-        with intra_op_threads(1):  # a small op, as check_input's
-            return torch.cat(decoded)
+            for start in range(0, len(x), step):
+                i = slice(start, start + step)
+                out[i] = decode(self, x[i], policy_for(i), None if labels is None else labels[i], naive=naive,
+                                progress=progress)
+        return out
 
     def purify(
         self,
@@ -331,7 +352,7 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         ``eps`` levels of x's value, given the already purified dimensions: int64 [B, C, H, W],
         ``batch_size`` images at a time (None: all at once)."""
         x, labels = self.check_input(x, labels)
-        eps = check_eps(eps)
+        eps = check_eps(eps, self.num_levels)
         if eps == 0:
             return x.clone()
         policy_for = lambda i: MostLikelyInWindow(x[i], eps)  # noqa: E731

@@ -29,7 +29,7 @@ from ..decode import DIRECT, ConvDecoder, Decoder, Run
 from ..heads import default_head
 from ..layers import CausalConv2d, channel_group_mask, pixelcnn_conv, pointwise_conv
 from . import register
-from .base import AutoregressiveModel, check_sizes
+from .base import AutoregressiveModel, check_odd, check_sizes
 
 
 # --------------------------------------------------------------------------- PixelCNN
@@ -72,6 +72,7 @@ class PixelCNN(AutoregressiveModel):
     ) -> None:
         check_sizes(channels=channels, num_blocks=num_blocks, kernel_size=kernel_size,
                     input_kernel_size=input_kernel_size, head_channels=head_channels)
+        check_odd(kernel_size=kernel_size, input_kernel_size=input_kernel_size)
         super().__init__(image_shape, num_levels, default_head(num_levels))
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
@@ -217,6 +218,7 @@ class GatedPixelCNN(AutoregressiveModel):
     ) -> None:
         check_sizes(channels=channels, num_layers=num_layers, kernel_size=kernel_size,
                     input_kernel_size=input_kernel_size, head_channels=head_channels)
+        check_odd(kernel_size=kernel_size, input_kernel_size=input_kernel_size)
         super().__init__(image_shape, num_levels, default_head(num_levels), num_classes)
         C = self.image_shape[0]
         self.subpixel = C > 1
