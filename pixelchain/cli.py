@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import attacks, checkpoint, codec, data, defend, plots, runtime
 from .classifiers import Classifier, list_classifiers
