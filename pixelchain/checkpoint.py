@@ -44,8 +44,12 @@ def save(model: nn.Module, run_dir: str | Path, **info: Any) -> Path:
 
 def load_weights(model: nn.Module, state: dict[str, Tensor], source: Path) -> None:
     """``model.load_state_dict(state)``, ignoring buffers the model derives (masks: files written
-    before they were derived hold them); ValueError names ``source`` when the tensors do not fit."""
+    before they were derived hold them) and the unused weights that files of earlier versions hold
+    (``model.unused_weights()``, where a model names them); ValueError names ``source`` when the
+    tensors do not fit."""
     derived = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+    if hasattr(model, "unused_weights"):
+        derived |= model.unused_weights() - set(model.state_dict())
     try:
         model.load_state_dict({k: v for k, v in state.items() if k not in derived})
     except RuntimeError as error:
