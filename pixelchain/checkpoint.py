@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import runtime
 from .run_dir import CONFIG, WEIGHTS, RunDir
 
 PRETRAINED_DIR = Path(__file__).parent / "checkpoints"
@@ -94,7 +95,9 @@ def build(name: str, image_shape: tuple[int, int, int], num_levels: int, **args)
 
 
 def load(path_or_name: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model of a run directory (or shipped checkpoint) with its saved weights."""
+    """Rebuild the model of a run directory (or shipped checkpoint) with its saved weights, in
+    ``eval()`` mode, ready for use (dropout off: the same images score the same); ``fit`` sets
+    training mode itself. ``map_location``: a device, checked as ``--device`` is."""
     run = RunDir(resolve(path_or_name))
     config = run.read_config()
     args = dict(config["args"])
@@ -102,5 +105,6 @@ def load(path_or_name: str | Path, map_location: str | torch.device = "cpu") -> 
         model = build(config["model"], args.pop("image_shape"), args.pop("num_levels"), **args)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{run / CONFIG} does not describe a model this version builds: {error}") from None
+    map_location = runtime.pick_device(str(map_location))
     load_weights(model, run.read_weights(map_location), run / WEIGHTS)
-    return model.to(map_location)
+    return model.to(map_location).eval()

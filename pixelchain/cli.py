@@ -17,6 +17,7 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import signal
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import attacks, checkpoint, data, defend, plots, runtime
+from . import attacks, checkpoint, data, defend, plots, runtime, score
 from .classifiers import Classifier, list_classifiers
 from .models import list_models
 from .models.base import DECODE_BATCH
@@ -151,8 +152,51 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     model = checkpoint.load(args.run, runtime.pick_device(args.device))
-    dataset = {"name": args.dataset} if args.dataset else run_dataset(args.run)
+    if args.images is not None:
+        return eval_images(model, args)
+    if args.dataset:
+        dataset = {"name": args.dataset, "num_levels": args.num_levels, "binarize": args.binarize}
+    elif args.num_levels is not None or args.binarize is not None:
+        raise ValueError("--num-levels and --binarize map IMAGES or a --dataset; the run's own dataset is "
+                         "mapped as it was trained")
+    else:
+        dataset = run_dataset(args.run)
+    if args.label is not None or args.labels is not None:
+        raise ValueError("--label/--labels go with IMAGES; a dataset split brings its own labels")
     print(report(evaluate(model, load_split(dataset, args.split), progress=True), args.split))
+
+
+def eval_images(model: torch.nn.Module, args) -> None:
+    """``eval MODEL IMAGES``: per-image NLL and bits/dim (``--out`` CSV), and the mean."""
+    if model.kind != "density":
+        raise ValueError(f"{args.run} is a {model.kind}: eval IMAGES scores images under a density model")
+    x = read_images(args.images, model.image_shape[0])
+    name = args.images.split(":")[0]
+    native = (data.sources.SOURCES[name].num_levels if ":" in args.images and name in data.list_datasets()
+              else score.source_levels(x))
+    x = score.to_model_levels(x, native, model.num_levels, args.num_levels, args.binarize)
+    model.check_input(x[:1])  # shape and levels, before any work
+    labels = None
+    if model.num_classes is None and (args.label is not None or args.labels is not None):
+        raise ValueError(f"--label/--labels: {args.run} is not class-conditional")
+    if model.num_classes is not None:
+        labels = (torch.full((len(x),), args.label) if args.label is not None
+                  else read_labels(args.images, args.labels, len(x)))
+    out = None if args.out is None else Path(args.out)
+    if out is not None and not out.parent.is_dir():
+        raise FileNotFoundError(f"{out.parent} does not exist: create it or choose another --out")
+    log_probs = score.log_prob(model, x, labels, args.batch_size, progress=True)
+    bpd = -log_probs / (model.num_dims * math.log(2))
+    for i in range(min(args.show, len(x))):
+        print(f"{i},{-log_probs[i]:.4f} nats,{bpd[i]:.4f} bits/dim")
+    if out is not None:
+        score.write_csv(out, log_probs, model.num_dims)
+    if args.heatmap is not None:
+        maps = score.log_prob_map(model, x[: args.grid], None if labels is None else labels[: args.grid])
+        plots.save_heatmap(x[: args.grid], maps, model.num_levels, args.heatmap)
+    written = [str(p) for p in (out, args.heatmap) if p is not None]
+    print(f"{args.images}: mean NLL {-log_probs.mean():.3f} nats, {bpd.mean():.4f} bits/dim ({len(x)} images)"
+          + (f" -> {', '.join(written)}" if written else ""))
 
 
 def cmd_sample(args) -> None:
@@ -380,10 +424,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-figures", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="NLL of a trained model on a split")
+    images_help = ("NAME:SPLIT[A:B] (e.g. fashion_mnist:test[:1000]), a .npy of integers [N,C,H,W] or [N,H,W], "
+                   "or a PNG folder")
+    p = sub.add_parser("eval", help="NLL of a trained model on a split, or of one's own IMAGES (per image)")
     p.add_argument("run", help="run directory or shipped checkpoint name")
-    p.add_argument("--split", default="test")
-    p.add_argument("--dataset", help="default: the run's dataset")
+    p.add_argument("images", nargs="?", help=f"images to score, per image: {images_help}")
+    p.add_argument("--split", default="test", help="without IMAGES: the split of the run's dataset (default: test)")
+    p.add_argument("--dataset", help="without IMAGES: another dataset (default: the run's)")
+    p.add_argument("--num-levels", type=int, help="quantise IMAGES (or --dataset) to this many levels, as train does")
+    p.add_argument("--binarize", choices=["threshold", "dynamic"], help="binarise IMAGES (or --dataset), as train does")
+    p.add_argument("--label", type=int, help="class of every image, for a class-conditional model")
+    p.add_argument("--labels", help="classes of IMAGES, a .npy of integers [N] (default: the dataset split's)")
+    p.add_argument("--out", help="CSV of IMAGES' scores: index,nll_nats,bits_per_dim")
+    p.add_argument("--show", type=int, default=10, help="print the first this many images' scores")
+    p.add_argument("--heatmap", help="PNG: each of the first --grid images beside its per-pixel bits (-log2 p)")
+    p.add_argument("--grid", type=positive, default=16, help="images in --heatmap")
+    p.add_argument("--batch-size", type=positive, default=256)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
@@ -412,8 +468,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_complete)
 
-    images_help = ("NAME:SPLIT[A:B] (e.g. fashion_mnist:test[:1000]), a .npy of integers [N,C,H,W] or [N,H,W], "
-                   "or a PNG folder")
     p = sub.add_parser("attack", help="adversarial examples for a classifier (ART; pip install -e '.[defend]')")
     p.add_argument("classifier", help="classifier: run directory or shipped checkpoint name (e.g. fmnist_resnet)")
     p.add_argument("images", help=images_help)
@@ -459,12 +513,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="registered models, datasets and shipped checkpoints")
     p.set_defaults(func=cmd_list)
+    for p in sub.choices.values():
+        p.add_argument("--quiet", action="store_true", help="no progress bars (in a log that is not a terminal "
+                       "they update at most once every 30 s)")
     return parser
+
+
+def configure_progress(quiet: bool) -> None:
+    """tqdm's bars in this process: none when ``quiet``; when stderr is not a terminal (a log
+    file) an update at most every 30 s instead of ten a second, so logs are not flooded."""
+    import tqdm.std
+
+    init = tqdm.std.tqdm.__dict__.get("_pixelchain_init", tqdm.std.tqdm.__init__)  # tqdm's own
+    tqdm.std.tqdm._pixelchain_init = tqdm.std.tqdm.__init__ = init
+    if quiet:
+        tqdm.std.tqdm.__init__ = lambda self, *a, **kw: init(self, *a, **{**kw, "disable": True})
+    elif not sys.stderr.isatty():
+        tqdm.std.tqdm.__init__ = lambda self, *a, **kw: init(self, *a, **{"mininterval": 30, **kw})
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     runtime.configure_allocator()
+    configure_progress(args.quiet)
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if distributed:
         import torch.distributed as dist

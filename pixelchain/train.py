@@ -286,8 +286,14 @@ class Trainer:
         self.flag = {"stop": 0}  # the signal that asked to stop
         self.net: nn.Module = torch.compile(model) if options.compile else model
         if self.world > 1:
+            # Gradients are the buckets' views from the start and are zeroed, never freed (train_step),
+            # so backward accumulates into them whatever layout the convolutions' gradients come in:
+            # no copy into the buckets, and no "grad strides do not match" warning.
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p) if p.requires_grad else None
             self.net = nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[self.device] if self.device.type == "cuda" else None)
+                self.net, device_ids=[self.device] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=options.amp and runtime.bf16_supported(self.device))
         # perf_counter() at this call's start, at the run's (less the time of earlier calls), at the last checkpoint
@@ -398,7 +404,7 @@ class Trainer:
                 f"training stopped and the last checkpoint ({where}) is intact. Lower the learning "
                 "rate or set grad_clip, then resume."
             )
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.world == 1)
         objective.backward()
         if opts.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
@@ -526,11 +532,14 @@ def fit(
     Returns:
         {'step', 'epoch', 'finished', 'best_valid' (nats), 'elapsed' (s), 'images_per_s'
         (training images per second of wall time, evaluations included)}. With a validation
-        set the model ends holding the weights of its best evaluation.
+        set the model ends holding the weights of its best evaluation. It trains in ``train()``
+        mode and ends in ``eval()`` mode, ready for use (as ``pc.load`` returns one).
     """
     options = TrainOptions(**{**asdict(options or TrainOptions()), **overrides})
-    return Trainer(model, train, valid, options, run_dir=run_dir, resume=resume, progress=progress, info=info,
-                   monitor=monitor, penalty=penalty).run()
+    summary = Trainer(model, train, valid, options, run_dir=run_dir, resume=resume, progress=progress, info=info,
+                      monitor=monitor, penalty=penalty).run()
+    model.eval()
+    return summary
 
 
 __all__ = ["Interrupted", "TrainOptions", "Trainer", "TrainingDiverged", "adam", "evaluate", "fit",

@@ -2,10 +2,16 @@
 one's own images, completion masks, eval mode on load, arrays out of the CLI, sampling controls,
 discoverability, Python ergonomics and logs."""
 
+import os
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
 import pixelchain as pc
+from pixelchain import score
 from pixelchain.run_dir import RunDir, load_tensors, save_tensors
 
 
@@ -28,3 +34,98 @@ def test_gated_weights_of_earlier_versions_load_without_their_dead_residual(tmp_
     save_tensors(path, {**state, "layers.1.extra": torch.zeros(1)})
     with pytest.raises(ValueError, match="does not match"):
         pc.load(tmp_path)
+
+
+@pytest.mark.parametrize("model,hparams", [("gated_pixelcnn", ["channels=8", "num_layers=2"]),
+                                           ("nade", ["hidden=16"])])
+def test_torchrun_trains_a_conv_and_a_dense_family_an_epoch(tmp_path, model, hparams):
+    """Data-parallel training on two gloo processes, an epoch of the digits: no unused-parameter
+    error, and no warning (the gradients are the DDP buckets' views)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "pixelchain.cli", "train",
+           model, "--dataset", "digits", "--run-dir", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "64",
+           "--no-figures", "--quiet"] + [a for h in hparams for a in ("--set", h)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "test NLL" in done.stdout
+    assert "Warning" not in done.stderr, done.stderr[-2000:]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_load_returns_a_model_in_eval_mode_and_fit_leaves_it_there(tmp_path):
+    """With dropout, two scores of the same images agree after pc.load; fit trains in train mode."""
+    torch.manual_seed(0)
+    model = pc.create("pixelcnn", (1, 6, 5), 2, channels=4, num_blocks=2, head_channels=4, dropout=0.5)
+    pc.save(model, tmp_path)
+    loaded = pc.load(tmp_path)
+    assert not loaded.training
+    x = torch.randint(0, 2, (4, 1, 6, 5))
+    assert torch.equal(loaded.log_prob(x), loaded.log_prob(x))
+    modes = []
+    loaded.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    pc.fit(loaded, pc.data.ImageDataset(x, 2), epochs=1, batch_size=4, progress=False)
+    assert modes[0] and not loaded.training
+
+
+def test_load_on_a_device_this_machine_lacks_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        pc.load("bmnist_nade", map_location="cuda")
+
+
+def test_scoring_builds_no_graph():
+    model = pc.load("bmnist_nade")
+    x = pc.data.ImageDataset(torch.randint(0, 2, (3, 1, 28, 28)), 2)
+    assert not score.log_prob(model, x.images).requires_grad
+    assert not score.log_prob_map(model, x.images).requires_grad
+
+
+# ----------------------------------------------------------------------------- eval MODEL IMAGES
+def run_cli(*argv, capsys=None):
+    from pixelchain.cli import main
+
+    main([*argv, "--quiet"])
+    return capsys.readouterr() if capsys is not None else None
+
+
+def test_eval_scores_ones_own_images_per_image(tmp_path, capsys):
+    """A .npy of 0..255 images against a binary model: refused with the flag to pass, then scored
+    per image with the same threshold binarisation train applies; the CSV's scores are the model's."""
+    from pixelchain.cli import main
+
+    rng = np.random.default_rng(0)
+    images = (rng.random((5, 28, 28)) < 0.2).astype(np.uint8) * 255
+    np.save(tmp_path / "x.npy", images)
+    with pytest.raises(SystemExit):
+        main(["eval", "bmnist_nade", str(tmp_path / "x.npy"), "--quiet"])
+    assert "--binarize" in capsys.readouterr().err
+    out = run_cli("eval", "bmnist_nade", str(tmp_path / "x.npy"), "--binarize", "threshold", "--out",
+                  str(tmp_path / "s.csv"), "--heatmap", str(tmp_path / "h.png"), capsys=capsys).out
+    rows = np.loadtxt(tmp_path / "s.csv", delimiter=",", skiprows=1)
+    model = pc.load("bmnist_nade")
+    expected = -model.log_prob(torch.from_numpy(images[:, None] >= 128).long()).double().detach()
+    assert rows.shape == (5, 3) and np.allclose(rows[:, 1], expected.numpy(), atol=1e-4)
+    assert np.allclose(rows[:, 2], rows[:, 1] / (784 * np.log(2)), atol=1e-5)
+    assert f"mean NLL {expected.mean():.3f} nats" in out
+    assert (tmp_path / "h.png").is_file()
+
+
+def test_eval_scores_a_slice_of_a_split_and_a_png_folder_alike(tmp_path, capsys):
+    from PIL import Image
+
+    test = pc.data.load("digits", "test")
+    for i in range(4):  # digits have 17 levels; as PNGs, scaled to 0..255 they would not be: write 0..16
+        Image.fromarray(test.images[i, 0].numpy().astype(np.uint8)).save(tmp_path / f"{i}.png")
+    model = pc.create("fully_visible", (1, 8, 8), 17)
+    pc.save(model, tmp_path / "run", dataset={"name": "digits"})
+    a = run_cli("eval", str(tmp_path / "run"), "digits:test[:4]", capsys=capsys).out.splitlines()[-1]
+    b = run_cli("eval", str(tmp_path / "run"), str(tmp_path), capsys=capsys).out.splitlines()[-1]
+    assert a.split(": ", 1)[1] == b.split(": ", 1)[1]
+
+
+def test_eval_with_labels_for_a_model_that_has_no_classes_is_refused(capsys):
+    from pixelchain.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["eval", "bmnist_nade", "binarized_mnist:test[:2]", "--label", "3", "--quiet"])
+    assert "not class-conditional" in capsys.readouterr().err
