@@ -322,7 +322,8 @@ class Trainer:
                 for group in self.optimizer.param_groups:  # honour a new schedule from this epoch on
                     group["lr"] = opts.lr * opts.lr_decay ** self.state["epoch"]
         elif (run / STATE).exists():
-            raise FileExistsError(f"{run.path} already holds a run: resume it (resume=True) or choose a new run_dir")
+            raise FileExistsError(f"{run.path} already holds a run: resume it (--resume; resume=True in Python) or "
+                                  "choose a new run directory (--run-dir; run_dir=)")
         if self.main:
             train_config = {**asdict(opts), "batch_size": opts.batch_size * self.world, "processes": self.world,
                             "penalty": None if self.penalty is None else getattr(self.penalty, "__name__",

@@ -129,3 +129,76 @@ def test_eval_with_labels_for_a_model_that_has_no_classes_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "bmnist_nade", "binarized_mnist:test[:2]", "--label", "3", "--quiet"])
     assert "not class-conditional" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- sampling and completion
+def test_samples_depend_on_the_seed_and_index_not_the_batching():
+    model = tiny_gated().eval()
+    a = model.sample(7, generator=torch.Generator().manual_seed(3), batch_size=2)
+    b = model.sample(7, generator=torch.Generator().manual_seed(3), batch_size=7)
+    c = model.sample(3, generator=torch.Generator().manual_seed(3), batch_size=1, naive=True)
+    assert torch.equal(a, b) and torch.equal(a[:3], c)
+    assert not torch.equal(a, model.sample(7, generator=torch.Generator().manual_seed(4)))
+
+
+def test_temperature_zero_takes_the_most_likely_value_at_each_step():
+    model = tiny_gated().eval()
+    x = model.sample(2, temperature=0)
+    assert torch.equal(x[0], x[1])  # no randomness left
+    # with 2 levels the most likely value has probability >= 1/2 given the values before it
+    assert torch.all(model.log_prob_map(x) >= np.log(0.5) - 1e-6)
+
+
+def test_complete_takes_masks_that_broadcast():
+    model = tiny_gated().eval()
+    x = torch.randint(0, 2, (3, 1, 6, 5))
+    observed = torch.ones(6, 5, dtype=torch.bool)
+    observed[3:] = False
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a = model.complete(x, observed, g())
+    b = model.complete(x, observed[None, None], g())
+    c = model.complete(x, observed.expand(3, 1, 6, 5).clone(), g())
+    assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a[:, :, :3], x[:, :, :3])
+    with pytest.raises(ValueError, match="broadcast"):
+        model.complete(x, torch.ones(4, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("spec,missing_rows,missing_cols", [("top", slice(0, 3), slice(None)),
+                                                            ("bottom", slice(3, 6), slice(None)),
+                                                            ("left", slice(None), slice(0, 2)),
+                                                            ("right", slice(None), slice(2, 5))])
+def test_named_masks(spec, missing_rows, missing_cols):
+    from pixelchain.masks import missing
+
+    m = missing(spec, (2, 1, 6, 5))
+    expected = torch.zeros(2, 1, 6, 5, dtype=torch.bool)
+    expected[:, :, missing_rows, missing_cols] = True
+    assert torch.equal(m, expected)
+    assert missing("centre", (1, 1, 6, 6))[0, 0].sum() == 9
+    share = missing("random:0.3", (50, 1, 6, 5), torch.Generator().manual_seed(0)).double().mean()
+    assert 0.25 < share < 0.35
+
+
+def test_cli_completes_ones_own_images_with_a_mask_file_into_arrays(tmp_path, capsys):
+    x = (torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0)) < 0.3).numpy().astype(np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    mask = np.zeros((28, 28), bool)
+    mask[:, 14:] = True  # right half missing
+    np.save(tmp_path / "mask.npy", mask)
+    run_cli("complete", "bmnist_nade", str(tmp_path / "x.npy"), "--mask", str(tmp_path / "mask.npy"),
+            "--per-image", "2", "--out", str(tmp_path / "c.npz"), capsys=capsys)
+    out = np.load(tmp_path / "c.npz")
+    assert out["images"].shape == (6, 1, 28, 28) and out["observed"].shape == (6, 1, 28, 28)
+    assert np.array_equal(out["images"][::2, :, :, :14], x[:, :, :, :14])
+    assert np.array_equal(out["observed"][0, 0], ~mask)
+
+
+def test_cli_sample_writes_arrays_and_never_overwrites_by_default(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run_cli("sample", "bmnist_nade", "-n", "5", "--batch-size", "2", "--out", "a.npy")
+    run_cli("sample", "bmnist_nade", "-n", "5", "--out", "b.npz")
+    a, b = np.load("a.npy"), np.load("b.npz")["images"]
+    assert a.shape == (5, 1, 28, 28) and a.dtype == np.uint8 and np.array_equal(a, b)
+    run_cli("sample", "bmnist_nade", "-n", "2")
+    run_cli("sample", "bmnist_nade", "-n", "2")
+    assert (tmp_path / "bmnist_nade_samples.png").is_file() and (tmp_path / "bmnist_nade_samples-1.png").is_file()
