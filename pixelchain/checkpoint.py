@@ -57,9 +57,24 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], source: Path) -> No
         raise ValueError(f"{source} does not match the model in {CONFIG}: {error}") from None
 
 
-def pretrained() -> list[str]:
-    """Names of the checkpoints shipped with the package (``pc.load(name)`` loads one)."""
-    return sorted(p.name for p in PRETRAINED_DIR.glob("*") if (p / CONFIG).is_file())
+def pretrained(details: bool = False) -> list[str] | list[dict]:
+    """Names of the checkpoints shipped with the package (``pc.load(name)`` loads one); with
+    ``details`` one dict each: name, model, dataset, num_levels, test_nll (nats), test_bits_per_dim
+    (or test_accuracy for a classifier), parameters, megabytes (of the weights file)."""
+    names = sorted(p.name for p in PRETRAINED_DIR.glob("*") if (p / CONFIG).is_file())
+    return [describe_pretrained(n) for n in names] if details else names
+
+
+def describe_pretrained(name: str) -> dict:
+    """What ``pretrained(details=True)`` says of one shipped checkpoint (read from its JSON)."""
+    run = RunDir(PRETRAINED_DIR / name)
+    config, result = run.read_config(), json.loads((run / "result.json").read_text())
+    test = result.get("test", {})
+    info = {"name": name, "model": config["model"], "dataset": config.get("dataset", {}).get("name"),
+            "num_levels": config["args"]["num_levels"], "test_nll": test.get("nll"),
+            "parameters": result.get("parameters"), "megabytes": (run / WEIGHTS).stat().st_size / 1e6}
+    info.update({f"test_{k}": v for k, v in test.items() if k in ("bits_per_dim", "accuracy")})
+    return info
 
 
 def resolve(path_or_name: str | Path) -> Path:

@@ -31,7 +31,7 @@ from PIL import Image
 
 from . import attacks, checkpoint, data, defend, masks, plots, runtime, score
 from .classifiers import Classifier, list_classifiers
-from .models import list_models
+from .models import describe, list_models
 from .models.base import DECODE_BATCH
 from .run_dir import RunDir, result_record
 from .train import TrainingDiverged, TrainOptions, evaluate, fit
@@ -225,7 +225,7 @@ def eval_images(model: torch.nn.Module, args) -> None:
         score.write_csv(out, log_probs, model.num_dims)
     if args.heatmap is not None:
         maps = score.log_prob_map(model, x[: args.grid], None if labels is None else labels[: args.grid])
-        plots.save_heatmap(x[: args.grid], maps, model.num_levels, args.heatmap)
+        plots.heatmap(x[: args.grid], maps, model.num_levels, args.heatmap)
     written = [str(p) for p in (out, args.heatmap) if p is not None]
     print(f"{args.images}: mean NLL {-log_probs.mean():.3f} nats, {bpd.mean():.4f} bits/dim ({len(x)} images)"
           + (f" -> {', '.join(written)}" if written else ""))
@@ -428,10 +428,21 @@ def cmd_purify(args) -> None:
 
 
 def cmd_list(args) -> None:
-    print("models:     ", ", ".join(list_models()))
+    if args.model is not None:
+        if args.model not in list_models():
+            raise ValueError(f"unknown model {args.model!r}; models: {', '.join(list_models())}")
+        print(describe(args.model))
+        print("pass hyperparameters as --set NAME=VALUE to train (Python: keywords of pc.create)")
+        return
+    print("models:     ", ", ".join(list_models()), " (pixelchain list MODEL: its hyperparameters)")
     print("classifiers:", ", ".join(list_classifiers()))
     print("datasets:   ", ", ".join(data.list_datasets()))
-    print("pretrained: ", ", ".join(checkpoint.pretrained()) or "none")
+    print("pretrained (test scores on the dataset's test split):")
+    for c in checkpoint.pretrained(details=True):
+        score_ = (f"{c['test_nll']:.2f} nats, {c['test_bits_per_dim']:.4f} bits/dim" if "test_bits_per_dim" in c
+                  else f"accuracy {c['test_accuracy']:.2%}" if "test_accuracy" in c else "no test score")
+        print(f"  {c['name']:<28} {c['model']:<20} {c['dataset'] or '?':<24} {c['num_levels']:>3} levels  "
+              f"{score_:<32} {c['parameters'] or 0:>10,} parameters  {c['megabytes']:.1f} MB")
 
 
 def positive(text: str) -> int:
@@ -584,7 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_purify)
 
-    p = sub.add_parser("list", help="registered models, datasets and shipped checkpoints")
+    p = sub.add_parser("list", help="registered models, datasets and shipped checkpoints (with their scores); "
+                       "list MODEL: its hyperparameters and defaults")
+    p.add_argument("model", nargs="?", help="a model: its hyperparameters and their defaults")
     p.set_defaults(func=cmd_list)
     for p in sub.choices.values():
         p.add_argument("--quiet", action="store_true", help="no progress bars (in a log that is not a terminal "

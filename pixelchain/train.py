@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import runtime
@@ -499,6 +500,27 @@ class Trainer:
         }
 
 
+def as_image_dataset(images: Any, model: nn.Module, what: str) -> ImageDataset | None:
+    """An ImageDataset from what ``fit`` is given: an ImageDataset, an int tensor of levels
+    [N, C, H, W], or a torch ``Dataset`` whose items are such images [C, H, W] (or (image,
+    label) pairs); ValueError says how to wrap anything else."""
+    if images is None or isinstance(images, ImageDataset):
+        return images
+    labels = None
+    if isinstance(images, Dataset) and not isinstance(images, Tensor):
+        items = [images[i] for i in range(len(images))]
+        if items and isinstance(items[0], (tuple, list)):
+            labels = torch.as_tensor([int(y) for _, y in items])
+            items = [x for x, _ in items]
+        images = torch.stack([torch.as_tensor(x) for x in items]) if items else None
+    if not isinstance(images, Tensor) or images.is_floating_point() or images.dim() != 4:
+        got = f"{images.dtype} {list(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"fit's {what} images: expected an ImageDataset, an integer tensor of levels "
+                         f"[N, C, H, W] or a torch Dataset of them, got {got}; wrap them as "
+                         f"pc.data.ImageDataset(x.long(), num_levels={getattr(model, 'num_levels', 'K')})")
+    return ImageDataset(images.long().cpu(), getattr(model, "num_levels", int(images.max()) + 1), labels)
+
+
 def fit(
     model: nn.Module,
     train: ImageDataset,
@@ -514,6 +536,9 @@ def fit(
     **overrides: Any,
 ) -> dict:
     """Train ``model`` on ``train`` by maximum likelihood; returns the run's summary.
+
+    ``train`` and ``valid``: ImageDatasets, integer tensors of levels [N, C, H, W] or torch
+    Datasets of such images (see :func:`as_image_dataset`).
 
     Args:
         run_dir: where config, weights, trainer state and metrics go (None: nothing written); locked
@@ -537,6 +562,7 @@ def fit(
         mode and ends in ``eval()`` mode, ready for use (as ``pc.load`` returns one).
     """
     options = TrainOptions(**{**asdict(options or TrainOptions()), **overrides})
+    train, valid = as_image_dataset(train, model, "train"), as_image_dataset(valid, model, "valid")
     summary = Trainer(model, train, valid, options, run_dir=run_dir, resume=resume, progress=progress, info=info,
                       monitor=monitor, penalty=penalty).run()
     model.eval()

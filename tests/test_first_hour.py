@@ -202,3 +202,46 @@ def test_cli_sample_writes_arrays_and_never_overwrites_by_default(tmp_path, monk
     run_cli("sample", "bmnist_nade", "-n", "2")
     run_cli("sample", "bmnist_nade", "-n", "2")
     assert (tmp_path / "bmnist_nade_samples.png").is_file() and (tmp_path / "bmnist_nade_samples-1.png").is_file()
+
+
+# ----------------------------------------------------------------------------- discoverability, Python
+def test_list_shows_shipped_scores_and_a_models_hyperparameters(capsys):
+    details = {c["name"]: c for c in pc.pretrained(details=True)}
+    assert set(details) == set(pc.pretrained())
+    nade = details["bmnist_nade"]
+    assert nade["dataset"] == "binarized_mnist" and nade["num_levels"] == 2 and nade["parameters"] > 0
+    assert nade["test_bits_per_dim"] == pytest.approx(nade["test_nll"] / (784 * np.log(2)))
+    out = run_cli("list", capsys=capsys).out
+    assert "bmnist_nade" in out and f"{nade['test_nll']:.2f} nats" in out
+    out = run_cli("list", "gated_pixelcnn", capsys=capsys).out
+    assert "channels = 64" in out and "num_classes = None" in out
+    assert "num_layers = 10" in pc.create.__doc__
+
+
+def test_fit_takes_a_tensor_or_a_torch_dataset_and_datasets_slice():
+    x = torch.randint(0, 2, (8, 1, 6, 5))
+    model = tiny_gated()
+    pc.fit(model, x, x[:4], epochs=1, batch_size=4, progress=False)
+    pc.fit(model, torch.utils.data.TensorDataset(x, torch.zeros(8)), epochs=1, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="ImageDataset"):
+        pc.fit(model, x.float(), epochs=1)
+    ds = pc.data.ImageDataset(x, 2, torch.arange(8))
+    assert torch.equal(ds[2], x[2])
+    part = ds[2:5]
+    assert len(part) == 3 and torch.equal(part.labels, torch.arange(2, 5)) and torch.equal(ds[[0, 7]].images, x[[0, 7]])
+
+
+def test_heatmap_draws_each_image_beside_its_surprise(tmp_path):
+    from PIL import Image
+
+    from pixelchain import plots
+
+    model = tiny_gated().eval()
+    x = torch.randint(0, 2, (3, 1, 6, 5))
+    plots.heatmap(x, score.log_prob_map(model, x), 2, tmp_path / "h.png", ncols=1, scale=1)  # a row each
+    assert Image.open(tmp_path / "h.png").size == (2 * (5 + 1) + 1, 3 * (6 + 1) + 1)
+
+
+def test_quiet_turns_progress_bars_off(capsys):
+    run_cli("eval", "bmnist_nade", "binarized_mnist:test[:300]", capsys=None)
+    assert "evaluating" not in capsys.readouterr().err
