@@ -32,7 +32,7 @@ from PIL import Image
 from . import attacks, checkpoint, data, defend, masks, plots, runtime, score
 from .classifiers import Classifier, list_classifiers
 from .models import describe, list_models
-from .models.base import DECODE_BATCH
+from .models.base import DECODE_BATCH, check_images
 from .run_dir import RunDir, result_record
 from .train import TrainingDiverged, TrainOptions, evaluate, fit
 
@@ -123,7 +123,7 @@ def model_images(model: torch.nn.Module, args) -> torch.Tensor:
     native = (data.sources.SOURCES[name].num_levels if ":" in args.images and name in data.list_datasets()
               else score.source_levels(x))
     x = score.to_model_levels(x, native, model.num_levels, args.num_levels, args.binarize)
-    model.check_input(x[:1])  # shape and levels, before any work
+    check_images(x[:1], model.image_shape, model.num_levels)  # shape and levels, before any work
     return x
 
 

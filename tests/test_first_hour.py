@@ -245,3 +245,21 @@ def test_heatmap_draws_each_image_beside_its_surprise(tmp_path):
 def test_quiet_turns_progress_bars_off(capsys):
     run_cli("eval", "bmnist_nade", "binarized_mnist:test[:300]", capsys=None)
     assert "evaluating" not in capsys.readouterr().err
+
+
+def test_class_conditional_sampling_and_scoring_from_the_cli(tmp_path, capsys):
+    from pixelchain.cli import main
+
+    torch.manual_seed(0)
+    model = pc.create("gated_pixelcnn", (1, 8, 8), 17, channels=4, num_layers=1, head_channels=4, num_classes=10)
+    pc.save(model, tmp_path / "run", dataset={"name": "digits"})
+    run = str(tmp_path / "run")
+    run_cli("sample", run, "-n", "3", "--label", "7", "--out", str(tmp_path / "s.npz"))
+    assert np.load(tmp_path / "s.npz")["labels"].tolist() == [7, 7, 7]
+    with pytest.raises(SystemExit):
+        main(["sample", run, "-n", "2", "--quiet"])
+    assert "--label" in capsys.readouterr().err
+    out = run_cli("eval", run, "digits:test[:4]", "--out", str(tmp_path / "e.csv"), capsys=capsys).out
+    test = pc.data.load("digits", "test")
+    expected = -model.eval().log_prob(test.images[:4], test.labels[:4]).double().mean()
+    assert f"mean NLL {expected:.3f} nats" in out
