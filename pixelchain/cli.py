@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import attacks, checkpoint, codec, data, defend, plots, runtime
+from . import attacks, checkpoint, codec, data, defend, masks, plots, runtime, score
 from .classifiers import Classifier, list_classifiers
 from .io import count_images, dataset_split, read_images, read_integers, read_labels  # noqa: F401 - importable from here too
-from .models import list_models
-from .models.base import DECODE_BATCH
+from .models import describe, list_models
+from .models.base import DECODE_BATCH, check_images
 from .run_dir import STATE, RunDir, result_record
 from .train import TrainingDiverged, TrainOptions, evaluate, fit
 
@@ -130,17 +130,59 @@ def density_model(run: str, device: torch.device) -> torch.nn.Module:
 
 
 def output_path(run: str, out: str | None, filename: str) -> Path:
-    """--out, or the run directory's figure; for a shipped checkpoint NAME_FILENAME in the current
-    directory (never the installed package). Its folder must exist: checked before decoding."""
+    """--out (a PNG, or .npy / .npz for arrays), else NAME_FILENAME in the current directory (never
+    the run's own figures nor the installed package), numbered rather than overwriting a file.
+    Its folder and format are checked before decoding."""
     if out is not None:
         path = Path(out)
-    elif checkpoint.is_shipped(run):
-        path = Path(f"{Path(run).name}_{filename}")
     else:
-        path = checkpoint.resolve(run) / filename
+        stem, suffix = f"{checkpoint.resolve(run).name}_{Path(filename).stem}", Path(filename).suffix
+        path, i = Path(stem + suffix), 0
+        while path.exists():
+            i += 1
+            path = Path(f"{stem}-{i}{suffix}")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path.parent} does not exist: create it or choose another --out")
+    if not score.is_array_path(path) and path.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {path}: write .npy or .npz (arrays of levels) or an image (.png)")
     return path
+
+
+def class_labels(model: torch.nn.Module, args, n: int, images: str | None = None) -> torch.Tensor | None:
+    """Labels [n] for a class-conditional model from --label (or IMAGES' --labels / split), None
+    for another; ValueError in terms of the flags."""
+    given = args.label is not None or getattr(args, "labels", None) is not None
+    if model.num_classes is None:
+        if given:
+            raise ValueError(f"--label: {args.run} is not class-conditional (train one with --set num_classes=N)")
+        return None
+    if args.label is not None:
+        if not 0 <= args.label < model.num_classes:
+            raise ValueError(f"--label must lie in [0, {model.num_classes}), got {args.label}")
+        return torch.full((n,), args.label)
+    if images is None:
+        raise ValueError(f"{args.run} is class-conditional: pass --label in [0, {model.num_classes})")
+    return read_labels(images, args.labels, n)
+
+
+def model_images(model: torch.nn.Module, args) -> torch.Tensor:
+    """IMAGES (``args.images``) in the model's levels: mapped by --num-levels / --binarize as
+    ``train`` maps a dataset, from the dataset's levels or the images' own (8- or 16-bit)."""
+    x = read_images(args.images, model.image_shape[0])
+    name = args.images.split(":")[0]
+    native = (data.sources.SOURCES[name].num_levels if ":" in args.images and name in data.list_datasets()
+              else score.source_levels(x))
+    x = score.to_model_levels(x, native, model.num_levels, args.num_levels, args.binarize)
+    check_images(x[:1], model.image_shape, model.num_levels)  # shape and levels, before any work
+    return x
+
+
+def save_output(path: Path, images: torch.Tensor, num_levels: int, labels: torch.Tensor | None = None) -> None:
+    """Arrays (.npy: levels; .npz: images and labels) or a PNG grid."""
+    if score.is_array_path(path):
+        score.save_array(path, images, num_levels, labels)
+    else:
+        plots.save_samples(images, num_levels, path)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -226,21 +268,57 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     model = checkpoint.load(args.run, runtime.pick_device(args.device))
-    dataset = model_dataset(args.dataset, args.run, model)
+    if args.images is not None:
+        return eval_images(model, args)
+    if args.num_levels is not None or args.binarize is not None:
+        if args.dataset not in data.list_datasets():
+            raise ValueError("--num-levels and --binarize map IMAGES or a built-in --dataset; the run's own dataset "
+                             "is mapped as it was trained")
+        dataset = {"name": args.dataset, "num_levels": args.num_levels, "binarize": args.binarize}
+    else:
+        dataset = model_dataset(args.dataset, args.run, model)
+    if args.label is not None or args.labels is not None:
+        raise ValueError("--label/--labels go with IMAGES; a dataset split brings its own labels")
     print(report(evaluate(model, load_split(dataset, args.split), progress=True), args.split))
+
+
+def eval_images(model: torch.nn.Module, args) -> None:
+    """``eval MODEL IMAGES``: per-image NLL and bits/dim (``--out`` CSV), and the mean."""
+    if model.kind != "density":
+        raise ValueError(f"{args.run} is a {model.kind}: eval IMAGES scores images under a density model")
+    x = model_images(model, args)
+    labels = class_labels(model, args, len(x), args.images)
+    out = None if args.out is None else Path(args.out)
+    if out is not None and not out.parent.is_dir():
+        raise FileNotFoundError(f"{out.parent} does not exist: create it or choose another --out")
+    log_probs = score.log_prob(model, x, labels, args.batch_size, progress=True)
+    bpd = -log_probs / (model.num_dims * math.log(2))
+    for i in range(min(args.show, len(x))):
+        print(f"{i},{-log_probs[i]:.4f} nats,{bpd[i]:.4f} bits/dim")
+    if out is not None:
+        score.write_csv(out, log_probs, model.num_dims)
+    if args.heatmap is not None:
+        maps = score.log_prob_map(model, x[: args.grid], None if labels is None else labels[: args.grid])
+        plots.heatmap(x[: args.grid], maps, model.num_levels, args.heatmap)
+    written = [str(p) for p in (out, args.heatmap) if p is not None]
+    print(f"{args.images}: mean NLL {-log_probs.mean():.3f} nats, {bpd.mean():.4f} bits/dim ({len(x)} images)"
+          + (f" -> {', '.join(written)}" if written else ""))
 
 
 def cmd_sample(args) -> None:
     device = runtime.pick_device(args.device)
     model = density_model(args.run, device)
     out = output_path(args.run, args.out, "samples.png")
-    plots.check_grid(args.n, model.image_shape)
-    labels = None if args.label is None else torch.full((args.n,), args.label, device=device)
+    if not score.is_array_path(out):
+        plots.check_grid(args.n, model.image_shape)
+    labels = class_labels(model, args, args.n)
     start = time.perf_counter()
-    samples = model.sample(args.n, generator=torch.Generator(device).manual_seed(args.seed), labels=labels,
-                           temperature=args.temperature, naive=args.naive, progress=True, batch_size=args.batch_size)
+    # a CPU generator: image i depends on --seed and i only, not on --batch-size or the device
+    samples = model.sample(args.n, generator=torch.Generator().manual_seed(args.seed),
+                           labels=None if labels is None else labels.to(device), temperature=args.temperature,
+                           naive=args.naive, progress=True, batch_size=args.batch_size)
     elapsed = time.perf_counter() - start
-    plots.save_samples(samples, model.num_levels, out)
+    save_output(out, samples, model.num_levels, labels)
     print(f"{args.n} samples in {elapsed:.2f} s -> {out}")
 
 
@@ -248,10 +326,31 @@ def cmd_complete(args) -> None:
     device = runtime.pick_device(args.device)
     model = density_model(args.run, device)
     out = output_path(args.run, args.out, "completions.png")
-    test = load_split(model_dataset(args.dataset, args.run, model), args.split)
-    plots.draw_completions(model, test, out, args.n, args.per_image, torch.Generator(device).manual_seed(args.seed),
-                           args.naive, args.batch_size)
-    print(f"completions of {args.n} {args.split} images, bottom half occluded -> {out}")
+    if args.images is None:  # -n images spread over the split (some are sorted by class)
+        if args.num_levels is not None or args.binarize is not None:
+            raise ValueError("--num-levels and --binarize map IMAGES; the run's dataset is mapped as it was trained")
+        test = load_split(model_dataset(args.dataset, args.run, model), args.split)
+        index = torch.linspace(0, len(test) - 1, args.n or 8).long()
+        x = test.images[index]
+        labels = class_labels(model, args, len(x)) if args.label is not None or model.num_classes is None else (
+            test.labels[index])
+    else:
+        x = model_images(model, args)[: args.n]
+        labels = class_labels(model, args, len(x), args.images)
+    generator = torch.Generator().manual_seed(args.seed)  # on the CPU, as in sample
+    observed = ~masks.missing(args.mask, tuple(x.shape), generator)
+    S = args.per_image
+    done = model.complete(x.repeat_interleave(S, 0).to(device), observed.repeat_interleave(S, 0), generator,
+                          args.temperature, None if labels is None else labels.repeat_interleave(S).to(device),
+                          args.naive, progress=True, batch_size=args.batch_size)
+    if score.is_array_path(out):  # image i's completions are rows i*S .. i*S + S - 1
+        score.save_array(out, done, model.num_levels, None if labels is None else labels.repeat_interleave(S),
+                         observed.repeat_interleave(S, 0))
+    else:
+        k = min(len(x), args.grid)
+        plots.save_completions(x[:k], observed[:k], done[: k * S].view(k, S, *x.shape[1:]).cpu(),
+                               model.num_levels, out)
+    print(f"{S} completion(s) of each of {len(x)} images, --mask {args.mask} missing -> {out}")
 
 
 def reference_images(args, model: torch.nn.Module) -> tuple[torch.Tensor, str]:
@@ -384,10 +483,21 @@ def cmd_decompress(args) -> None:
 
 
 def cmd_list(args) -> None:
-    print("models:     ", ", ".join(list_models()))
+    if args.model is not None:
+        if args.model not in list_models():
+            raise ValueError(f"unknown model {args.model!r}; models: {', '.join(list_models())}")
+        print(describe(args.model))
+        print("pass hyperparameters as --set NAME=VALUE to train (Python: keywords of pc.create)")
+        return
+    print("models:     ", ", ".join(list_models()), " (pixelchain list MODEL: its hyperparameters)")
     print("classifiers:", ", ".join(list_classifiers()))
     print("datasets:   ", ", ".join(data.list_datasets()))
-    print("pretrained: ", ", ".join(checkpoint.pretrained()) or "none")
+    print("pretrained (test scores on the dataset's test split):")
+    for c in checkpoint.pretrained(details=True):
+        score_ = (f"{c['test_nll']:.2f} nats, {c['test_bits_per_dim']:.4f} bits/dim" if "test_bits_per_dim" in c
+                  else f"accuracy {c['test_accuracy']:.2%}" if "test_accuracy" in c else "no test score")
+        print(f"  {c['name']:<28} {c['model']:<20} {c['dataset'] or '?':<24} {c['num_levels']:>3} levels  "
+              f"{score_:<32} {c['parameters'] or 0:>10,} parameters  {c['megabytes']:.1f} MB")
 
 
 def ranged(convert: Callable[[str], float], low: float, high: float = math.inf, what: str = "") -> Callable:
@@ -449,40 +559,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-figures", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="NLL of a trained model on a split")
+    images_help = ("NAME:SPLIT[A:B] (e.g. fashion_mnist:test[:1000]), a .npy of integers [N,C,H,W] or [N,H,W], "
+                   "or a PNG folder")
+    p = sub.add_parser("eval", help="NLL of a trained model on a split, or of one's own IMAGES (per image)")
     p.add_argument("run", help="run directory or shipped checkpoint name")
-    p.add_argument("--split", default="test")
-    p.add_argument("--dataset", help="a built-in dataset or your own images (default: the run's dataset)")
+    p.add_argument("images", nargs="?", help=f"images to score, per image: {images_help}")
+    p.add_argument("--split", default="test", help="without IMAGES: the split of the run's dataset (default: test)")
+    p.add_argument("--dataset", help="without IMAGES: a built-in dataset or your own images (default: the run's)")
+    p.add_argument("--num-levels", type=int, help="quantise IMAGES (or --dataset) to this many levels, as train does")
+    p.add_argument("--binarize", choices=["threshold", "dynamic"], help="binarise IMAGES (or --dataset), as train does")
+    p.add_argument("--label", type=int, help="class of every image, for a class-conditional model")
+    p.add_argument("--labels", help="classes of IMAGES, a .npy of integers [N] (default: the dataset split's)")
+    p.add_argument("--out", help="CSV of IMAGES' scores: index,nll_nats,bits_per_dim")
+    p.add_argument("--show", type=int, default=10, help="print the first this many images' scores")
+    p.add_argument("--heatmap", help="PNG: each of the first --grid images beside its per-pixel bits (-log2 p)")
+    p.add_argument("--grid", type=positive, default=16, help="images in --heatmap")
+    p.add_argument("--batch-size", type=positive, default=256)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("sample", help="draw samples into a PNG grid")
+    seed_help = ("seed of the draws (default: 0); image i depends on the seed and i only, not on -n, "
+                 "--batch-size or the device")
+    temperature_help = "divides the logits (default: 1); 0: the most likely value at each step (greedy)"
+    p = sub.add_parser("sample", help="draw samples into a PNG grid, or arrays (.npy / .npz)")
     p.add_argument("run")
-    p.add_argument("-n", type=positive, default=64)
-    p.add_argument("--batch-size", type=positive, default=DECODE_BATCH, help="images decoded at once")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--label", type=int, help="class, for class-conditional models")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-n", type=positive, default=64, help="number of samples (default: 64)")
+    p.add_argument("--batch-size", type=positive, default=DECODE_BATCH, help=f"images decoded at once "
+                   f"(default: {DECODE_BATCH})")
+    p.add_argument("--temperature", type=float, default=1.0, help=temperature_help)
+    p.add_argument("--label", type=int, help="class, for class-conditional models (--set num_classes=N)")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument("--naive", action="store_true", help="reference decoder: a full forward pass per step")
-    p.add_argument("--out")
+    p.add_argument("--out", help="a PNG grid, or .npy (levels [N, C, H, W]) / .npz (images, labels); default: "
+                   "RUN_samples.png here, numbered rather than overwritten")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("complete", help="complete test images whose bottom half is occluded")
+    p = sub.add_parser("complete", help="complete images with a region missing (--mask): test images or IMAGES")
     p.add_argument("run")
-    p.add_argument("-n", type=positive, default=8, help="number of images")
-    p.add_argument("--per-image", type=positive, default=4, help="completions per image")
+    p.add_argument("images", nargs="?", help=f"images to complete (default: -n of the run's test split): "
+                   f"{images_help}")
+    p.add_argument("--mask", default="bottom", help="the missing region: top, bottom, left, right, centre, "
+                   "random:P (each pixel with probability P), or a .npy, nonzero = missing, [H,W], [N,H,W] or "
+                   "[N,C,H,W] (default: bottom). In raster order, pixels after a missing one do not condition "
+                   "it (README)")
+    p.add_argument("-n", type=positive, help="number of images (default: 8 of the split; all of IMAGES)")
+    p.add_argument("--per-image", type=positive, default=4, help="completions per image (default: 4)")
     p.add_argument("--batch-size", type=positive, default=DECODE_BATCH, help="images decoded at once")
     p.add_argument("--split", default="test")
     p.add_argument("--dataset")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-levels", type=int, help="quantise IMAGES to this many levels, as train does")
+    p.add_argument("--binarize", choices=["threshold", "dynamic"], help="binarise IMAGES, as train does")
+    p.add_argument("--label", type=int, help="class of every image, for a class-conditional model")
+    p.add_argument("--labels", help="classes of IMAGES, a .npy of integers [N] (default: the dataset split's)")
+    p.add_argument("--temperature", type=float, default=1.0, help=temperature_help)
+    p.add_argument("--seed", type=int, default=0, help=seed_help.replace("-n, ", ""))
     p.add_argument("--naive", action="store_true")
-    p.add_argument("--out")
+    p.add_argument("--grid", type=positive, default=16, help="images in the PNG (default: 16)")
+    p.add_argument("--out", help="a PNG (original | occluded | completions), or .npy (completions [N*S, C, H, W], "
+                   "image i's S in rows i*S...) / .npz (also observed, labels); default: RUN_completions.png here")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_complete)
 
-    images_help = ("NAME:SPLIT[A:B] (e.g. fashion_mnist:test[:1000]), a .npy of integers [N,C,H,W] or [N,H,W], "
-                   "or a PNG folder")
     p = sub.add_parser("attack", help="adversarial examples for a classifier (ART; pip install -e '.[defend]')")
     p.add_argument("classifier", help="classifier: run directory or shipped checkpoint name (e.g. fmnist_resnet)")
     p.add_argument("images", help=images_help)
@@ -544,14 +682,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite DIR/images.npy if it exists")
     p.set_defaults(func=cmd_decompress)
 
-    p = sub.add_parser("list", help="registered models, datasets and shipped checkpoints")
+    p = sub.add_parser("list", help="registered models, datasets and shipped checkpoints (with their scores); "
+                       "list MODEL: its hyperparameters and defaults")
+    p.add_argument("model", nargs="?", help="a model: its hyperparameters and their defaults")
     p.set_defaults(func=cmd_list)
+    for p in sub.choices.values():
+        p.add_argument("--quiet", action="store_true", help="no progress bars (in a log that is not a terminal "
+                       "they update at most once every 30 s)")
     return parser
+
+
+def configure_progress(quiet: bool) -> None:
+    """tqdm's bars in this process: none when ``quiet``; when stderr is not a terminal (a log
+    file) an update at most every 30 s instead of ten a second, so logs are not flooded."""
+    import tqdm.std
+
+    init = tqdm.std.tqdm.__dict__.get("_pixelchain_init", tqdm.std.tqdm.__init__)  # tqdm's own
+    tqdm.std.tqdm._pixelchain_init = tqdm.std.tqdm.__init__ = init
+    if quiet:
+        tqdm.std.tqdm.__init__ = lambda self, *a, **kw: init(self, *a, **{**kw, "disable": True})
+    elif not sys.stderr.isatty():
+        tqdm.std.tqdm.__init__ = lambda self, *a, **kw: init(self, *a, **{"mininterval": 30, **kw})
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     runtime.configure_allocator()
+    configure_progress(args.quiet)
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if distributed:
         import torch.distributed as dist

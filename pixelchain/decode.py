@@ -79,29 +79,47 @@ class DimensionViews:
 
 
 class Sample:
-    """Draw each value from the conditional at ``temperature`` (uniforms from ``generator``).
+    """Draw each value from the conditional at ``temperature`` (uniforms from ``generator``);
+    ``temperature=0``: the most likely value (greedy decoding).
 
     Any finite temperature > 0 works: the tempered logits are taken relative to their maximum (in
     float64), so a tiny temperature tends to the argmax instead of overflowing.
 
-    The uniforms are the generator's float64 stream, B per step in order, drawn ``STEPS`` steps'
-    worth at a time (one op per step instead of four): on CPU the values are those of a draw per
-    step, and the same generator state gives the same samples; the generator ends further on than
-    the draws used."""
+    Given the canvas ``like`` [B, C, H, W], image b draws its own C*H*W uniforms at once (one per
+    dimension, laid out as the image): the generator's float64 stream, images in order. On a CPU
+    generator an image's samples then depend on the seed and its index among all the images drawn,
+    not on how they are split into batches (the CLI's generators are on the CPU). Without
+    ``like`` the uniforms are the stream in decoding order, B per step, drawn ``STEPS`` steps'
+    worth at a time (one op per step instead of four)."""
 
     STEPS = 1024
 
-    def __init__(self, generator: torch.Generator | None = None, temperature: float = 1.0) -> None:
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    def __init__(self, generator: torch.Generator | None = None, temperature: float = 1.0,
+                 like: Tensor | None = None) -> None:
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0: the most likely value), got "
+                             f"{temperature!r}")
         self.generator, self.temperature = generator, float(temperature)
         self.uniforms, self.used = torch.empty(0, 1, dtype=torch.float64), 0  # drawn [N, 1], and how many taken
+        self.per_image = None
+        if like is not None and self.temperature > 0:
+            where = generator.device if generator is not None else like.device
+            u = torch.rand(like.shape, generator=generator, device=where, dtype=torch.float64).to(like.device)
+            _, _, self.height, self.width = like.shape
+            # per dimension the B images' uniforms, contiguous [B, 1] (searchsorted copies strided ones)
+            self.per_image = u.flatten(1).t().contiguous().unsqueeze(-1).unbind(0)
 
     def __call__(self, log_probs: Tensor, c: int, h: int, w: int) -> Tensor:
+        if self.temperature == 0:
+            return log_probs.argmax(dim=-1)
         if self.temperature != 1.0:
             log_probs = log_probs.double()
             log_probs = ((log_probs - log_probs.amax(dim=-1, keepdim=True)) / self.temperature).log_softmax(dim=-1)
-        return inverse_cdf(log_probs, self.next_uniforms(len(log_probs), log_probs.device))
+        if self.per_image is not None:
+            u = self.per_image[(c * self.height + h) * self.width + w]
+        else:
+            u = self.next_uniforms(len(log_probs), log_probs.device)
+        return inverse_cdf(log_probs, u)
 
     def next_uniforms(self, n: int, device: torch.device) -> Tensor:
         """The next n uniforms in [0, 1) of the generator's stream, float64 [n, 1] on ``device``."""

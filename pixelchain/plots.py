@@ -175,3 +175,23 @@ def save_histogram(groups: dict[str, Tensor], path: str | Path, xlabel: str = "b
         draw.text((x0 + 16, y0 - 1), label, fill="black", font=font)
     image.save(path)
     return Path(path)
+
+
+def heat_colours(values: np.ndarray, top: float) -> np.ndarray:
+    """Values [...] in [0, top] -> uint8 RGB [..., 3] from black through red and yellow to white."""
+    t = np.clip(values / max(top, 1e-12), 0, 1)[..., None]
+    rgb = np.clip(np.concatenate([3 * t, 3 * t - 1, 3 * t - 2], axis=-1), 0, 1)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def heatmap(images: Tensor, log_prob_map: Tensor, num_levels: int, path: str | Path, ncols: int = 4,
+                 scale: int = 4) -> Path:
+    """Each image beside its per-pixel surprise, -log2 p(x_d | x_<d) summed over channels (black 0
+    bits, white the largest in the figure): where the model did not expect what it saw.
+    images [N, C, H, W], log_prob_map [N, C, H, W] in nats (``model.log_prob_map``)."""
+    bits = (-log_prob_map.detach().cpu().double().sum(1) / np.log(2)).numpy()  # [N, H, W]
+    pixels, maps = to_pixels(images, num_levels), heat_colours(bits, float(bits.max()))
+    pairs = [np.stack([pixels[i], maps[i]]) for i in range(len(pixels))]
+    rows = [np.concatenate(pairs[i : i + ncols]) for i in range(0, len(pairs), ncols)]
+    grid(rows, scale).save(path)
+    return Path(path)

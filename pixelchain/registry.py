@@ -58,6 +58,22 @@ class Registry:
         check_fits(nbytes, f"{name}({shown})")
         return cls(**args)
 
+    def hyperparameters(self, name: str) -> dict[str, Any]:
+        """``name``'s hyperparameters and their defaults (``inspect.Parameter.empty`` where none)."""
+        self._import_families()
+        if name not in self.classes:
+            raise ValueError(f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self.classes))}")
+        parameters = inspect.signature(self.classes[name].__init__).parameters.values()
+        return {p.name: p.default for p in parameters if p.name != "self" and p.name not in self.fixed}
+
+    def describe(self, name: str) -> str:
+        """``name``'s summary (the first paragraph of its docstring) and hyperparameters with defaults."""
+        doc = " ".join((inspect.getdoc(self.classes[name]) or "").split("\n\n")[0].split())
+        lines = [f"{name}: {doc}" if doc else name]
+        for key, default in self.hyperparameters(name).items():
+            lines.append(f"  {key} = {'(required)' if default is inspect.Parameter.empty else repr(default)}")
+        return "\n".join(lines)
+
     def _import_families(self) -> None:
         for family in self.families:
             import_module(f"{self.package}.{family}")

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import runtime
@@ -331,8 +332,14 @@ class Trainer:
         self.flag = {"stop": 0}  # the signal that asked to stop
         self.net: nn.Module = torch.compile(model) if options.compile else model
         if self.world > 1:
+            # Gradients are the buckets' views from the start and are zeroed, never freed (train_step),
+            # so backward accumulates into them whatever layout the convolutions' gradients come in:
+            # no copy into the buckets, and no "grad strides do not match" warning.
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p) if p.requires_grad else None
             self.net = nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[self.device] if self.device.type == "cuda" else None)
+                self.net, device_ids=[self.device] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=options.amp and runtime.bf16_supported(self.device))
         # perf_counter() at this call's start, at the run's (less the time of earlier calls), at the last checkpoint
@@ -443,7 +450,7 @@ class Trainer:
                 f"training stopped and the last checkpoint ({where}) is intact. Lower the learning "
                 "rate or set grad_clip, then resume."
             )
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.world == 1)
         objective.backward()
         if opts.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
@@ -540,6 +547,27 @@ class Trainer:
         }
 
 
+def as_image_dataset(images: Any, model: nn.Module, what: str) -> ImageDataset | None:
+    """An ImageDataset from what ``fit`` is given: an ImageDataset, an int tensor of levels
+    [N, C, H, W], or a torch ``Dataset`` whose items are such images [C, H, W] (or (image,
+    label) pairs); ValueError says how to wrap anything else."""
+    if images is None or isinstance(images, ImageDataset):
+        return images
+    labels = None
+    if isinstance(images, Dataset) and not isinstance(images, Tensor):
+        items = [images[i] for i in range(len(images))]
+        if items and isinstance(items[0], (tuple, list)):
+            labels = torch.as_tensor([int(y) for _, y in items])
+            items = [x for x, _ in items]
+        images = torch.stack([torch.as_tensor(x) for x in items]) if items else None
+    if not isinstance(images, Tensor) or images.is_floating_point() or images.dim() != 4:
+        got = f"{images.dtype} {list(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"fit's {what} images: expected an ImageDataset, an integer tensor of levels "
+                         f"[N, C, H, W] or a torch Dataset of them, got {got}; wrap them as "
+                         f"pc.data.ImageDataset(x.long(), num_levels={getattr(model, 'num_levels', 'K')})")
+    return ImageDataset(images.long().cpu(), getattr(model, "num_levels", int(images.max()) + 1), labels)
+
+
 def fit(
     model: nn.Module,
     train: ImageDataset,
@@ -556,6 +584,9 @@ def fit(
     **overrides: Any,
 ) -> dict:
     """Train ``model`` on ``train`` by maximum likelihood; returns the run's summary.
+
+    ``train`` and ``valid``: ImageDatasets, integer tensors of levels [N, C, H, W] or torch
+    Datasets of such images (see :func:`as_image_dataset`).
 
     Args:
         run_dir: where config, weights, trainer state and metrics go (None: nothing written); locked
@@ -577,11 +608,15 @@ def fit(
     Returns:
         {'step', 'epoch', 'finished', 'best_valid' (nats), 'elapsed' (s), 'images_per_s'
         (training images per second of wall time, evaluations included)}. With a validation
-        set the model ends holding the weights of its best evaluation.
+        set the model ends holding the weights of its best evaluation. It trains in ``train()``
+        mode and ends in ``eval()`` mode, ready for use (as ``pc.load`` returns one).
     """
     options = TrainOptions(**{**asdict(options or TrainOptions()), **overrides})
-    return Trainer(model, train, valid, options, run_dir=run_dir, resume=resume, overwrite=overwrite,
-                   progress=progress, info=info, monitor=monitor, penalty=penalty).run()
+    train, valid = as_image_dataset(train, model, "train"), as_image_dataset(valid, model, "valid")
+    summary = Trainer(model, train, valid, options, run_dir=run_dir, resume=resume, overwrite=overwrite,
+                      progress=progress, info=info, monitor=monitor, penalty=penalty).run()
+    model.eval()
+    return summary
 
 
 __all__ = ["Interrupted", "TrainOptions", "Trainer", "TrainerState", "TrainingDiverged", "adam", "evaluate", "fit",

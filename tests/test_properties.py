@@ -195,3 +195,15 @@ def test_an_fvsbn_is_separate_logistic_regressions_one_row_each():
     per_pixel = [m.raster(m.log_prob_map(x)) for m in (first, second, spliced)]
     torch.testing.assert_close(per_pixel[2], torch.where(take, per_pixel[1], per_pixel[0]))
     assert not torch.allclose(per_pixel[0], per_pixel[1])
+
+
+@pytest.mark.parametrize("image_shape,K", LARGER)
+@pytest.mark.parametrize("name", DENSITY_MODELS)
+def test_every_parameter_receives_a_gradient(name, image_shape, K):
+    """No dead weights: each parameter gets a non-zero gradient of log p(x) (DDP requires it, and
+    the parameter count means what it says)."""
+    model = build(name, image_shape, K).train()
+    x = random_images(4, image_shape, K)
+    (-model.log_likelihood(model(x), x).sum()).backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, f"{name}: parameters without gradient: {dead}"

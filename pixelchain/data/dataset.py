@@ -55,6 +55,13 @@ class ImageDataset:
             return self.images[index]
         return torch.bernoulli(self.intensities[index], generator=generator).long()
 
+    def __getitem__(self, index: int | slice | Tensor | list[int]) -> Tensor | ImageDataset:
+        """``ds[i]``: image i, int64 [C, H, W]; ``ds[a:b]``, ``ds[indices]``: an ImageDataset of
+        those examples (``subset``)."""
+        if isinstance(index, int) or (isinstance(index, Tensor) and index.dim() == 0):
+            return self.images[index]
+        return self.subset(torch.as_tensor(index) if isinstance(index, list) else index)
+
     def subset(self, index: Tensor | slice) -> ImageDataset:
         """A new dataset holding the selected examples (same levels and name)."""
         return ImageDataset(

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..decode import ConvDecoder, Decoder, KeepObserved, MostLikelyInWindow, NaiveDecoder, Policy, Sample, decode
 from ..heads import Head
+from ..masks import observed_like
 from ..runtime import check_fits, intra_op_threads, threads_for
 
 
@@ -291,14 +292,18 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
     ) -> Tensor:
         """Draw n images: int64 [n, C, H, W], ``batch_size`` at a time (None: all at once), the
         decoders' memory bounded by the batch; ValueError if the n images cannot fit in memory.
-        ``naive=True`` runs the reference decoder; a class-conditional model needs ``labels`` [n]."""
+        ``naive=True`` runs the reference decoder; a class-conditional model needs ``labels`` [n].
+        ``temperature=0`` takes the most likely value at each step. Image i's draws come from the
+        generator's stream in image order: with a CPU generator (the default one included) the
+        same seed gives the same image i whatever ``batch_size`` and ``n`` (``decode.Sample``)."""
         if not is_integer(n) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
         check_fits(n * self.num_dims * 8, f"{n} samples of {self.image_shape}", self.device)
         x = torch.zeros((), dtype=torch.long, device=self.device).expand(n, *self.image_shape)  # no memory
         _, labels = self.check_input(x, labels)
-        policy = Sample(generator, temperature)
-        return self._decode_in_batches(x, labels, lambda i: policy, batch_size, naive, progress)
+        Sample(generator, temperature)  # its checks, before any work
+        policy_for = lambda i: Sample(generator, temperature, x[i])  # noqa: E731
+        return self._decode_in_batches(x, labels, policy_for, batch_size, naive, progress)
 
     def complete(
         self,
@@ -311,18 +316,19 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         progress: bool = False,
         batch_size: int | None = DECODE_BATCH,
     ) -> Tensor:
-        """Keep x where ``observed`` (bool [B, C, H, W]) is True, sample the rest given it,
-        ``batch_size`` images at a time (None: all at once).
+        """Keep x where ``observed`` (bool [B, C, H, W], or a shape that broadcasts to it: [H, W],
+        [1, 1, H, W]) is True, sample the rest given it, ``batch_size`` images at a time (None: all
+        at once); ``temperature=0``: the most likely values.
 
         Only dimensions before a missing one in the model's order condition it (the model is
-        autoregressive); observed values later in the order are kept but do not inform it.
+        autoregressive); observed values later in the order are kept but do not inform it. In
+        raster order, with the top missing, the bottom that is kept does not shape the top; when
+        it matters use a model in another order (MADE with ``order_agnostic=True``, or flip the images).
         """
         x, labels = self.check_input(x, labels)
-        if not isinstance(observed, Tensor) or observed.shape != x.shape or observed.dtype != torch.bool:
-            got = f"{observed.dtype} {list(observed.shape)}" if isinstance(observed, Tensor) else type(observed)
-            raise ValueError(f"observed must be a bool tensor of shape {list(x.shape)}, got {got}")
-        observed, fill = observed.to(x.device), Sample(generator, temperature)
-        policy_for = lambda i: KeepObserved(x[i], observed[i], fill)  # noqa: E731
+        observed = observed_like(observed, x)
+        Sample(generator, temperature)  # its checks, before any work
+        policy_for = lambda i: KeepObserved(x[i], observed[i], Sample(generator, temperature, x[i]))  # noqa: E731
         return self._decode_in_batches(x, labels, policy_for, batch_size, naive, progress)
 
     def _decode_in_batches(self, x: Tensor, labels: Tensor | None, policy_for: Callable[[slice], Policy],

@@ -148,14 +148,15 @@ class GatedLayer(nn.Module):
 
     The vertical pre-activation reaches the horizontal stack through a 1x1 ``link`` after a
     one-row down shift, so the horizontal stack at row i sees rows < i only through it.
-    The first layer (``first``) masks the current pixel (type A) and has no residual.
+    The first layer (``first``) masks the current pixel (type A) and has no residual; the last
+    (``last``) feeds only the skip connections, so it has no horizontal output and no residual.
     """
 
     def __init__(self, in_channels: int, channels: int, kernel_size: int, groups: int,
-                 first: bool, num_classes: int | None) -> None:
+                 first: bool, num_classes: int | None, last: bool = False) -> None:
         super().__init__()
         k, r = kernel_size, kernel_size // 2
-        self.first = first
+        self.first, self.last = first, last
         # exact outputs: the vertical pre-activation is zeroed in place and read by the link
         self.vertical_conv = CausalConv2d(in_channels, 2 * channels, (r + 1, k), (r, 0, r, r), exact_output=True)
         self.link = CausalConv2d(2 * channels, 2 * channels, (1, 1))
@@ -166,7 +167,7 @@ class GatedLayer(nn.Module):
         self.horizontal_conv = CausalConv2d(in_channels, 2 * channels, (1, r + 1), (0, 0, r, 0), mask,
                                             exact_output=True)
         self.skip = pointwise_conv(channels, channels, groups)
-        self.residual = None if first else pointwise_conv(channels, channels, groups)
+        self.residual = None if first or last else pointwise_conv(channels, channels, groups)
         self.class_bias = None if num_classes is None else nn.Embedding(num_classes, 4 * channels)
 
     def add_class_bias(self, pre: Tensor, labels: Tensor, half: int) -> Tensor:
@@ -192,12 +193,15 @@ class GatedLayer(nn.Module):
         return pre, gate(pre)
 
     def horizontal(self, h: Tensor, shifted_vertical: Tensor, labels: Tensor | None,
-                   run: Run = DIRECT) -> tuple[Tensor, Tensor]:
-        """Horizontal input and the down-shifted vertical pre-activation -> (output, skip)."""
+                   run: Run = DIRECT) -> tuple[Tensor | None, Tensor]:
+        """Horizontal input and the down-shifted vertical pre-activation -> (output, skip); the
+        last layer's output is None (nothing reads it)."""
         pre = run(self.link, shifted_vertical).add_(run(self.horizontal_conv, h))
         if self.class_bias is not None:
             pre = self.add_class_bias(pre, labels, 1)
         g = gate(pre)
+        if self.last:
+            return None, run(self.skip, g)
         return (g if self.residual is None else run(self.residual, g).add_(h)), run(self.skip, g)
 
 
@@ -224,12 +228,19 @@ class GatedPixelCNN(AutoregressiveModel):
         self.subpixel = C > 1
         self.layers = nn.ModuleList(
             [GatedLayer(C, channels, input_kernel_size, C, True, num_classes)]
-            + [GatedLayer(channels, channels, kernel_size, C, False, num_classes) for _ in range(num_layers)]
+            + [GatedLayer(channels, channels, kernel_size, C, False, num_classes, last=i == num_layers - 1)
+               for i in range(num_layers)]
         )
         self.head_layers = nn.Sequential(
             nn.ReLU(inplace=True), pointwise_conv(channels, head_channels, C),
             nn.ReLU(inplace=True), pointwise_conv(head_channels, self.param_channels, C),
         )
+
+    def unused_weights(self) -> set[str]:
+        """Weights that files written by earlier versions hold and this model lacks: the last
+        layer's residual projection, which nothing read. Loading drops exactly these."""
+        last = len(self.layers) - 1
+        return {f"layers.{last}.residual.weight", f"layers.{last}.residual.bias"}
 
     def vertical_stack(self, image: Tensor, labels: Tensor | None, run: Run = DIRECT,
                        shifted: bool = False) -> Iterator[Tensor]:

@@ -1,0 +1,113 @@
+"""Scoring one's own images: the levels a model takes, per-image log p(x) and bits/dim, and
+arrays and tables out (``pixelchain eval MODEL IMAGES``, ``--out`` of ``sample`` / ``complete``).
+
+    x = to_model_levels(x, 256, model.num_levels, binarize="threshold")   # 0..255 -> {0, 1}
+    nll = -score.log_prob(model, x)                                       # float64 [N], nats
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .data import ImageDataset
+from .data.transforms import transform
+
+ARRAY_SUFFIXES = (".npy", ".npz")
+
+
+def source_levels(x: Tensor) -> int:
+    """The levels integer images come in, judged by their largest value: 2 (0/1), 256 (8-bit) or
+    65536 (16-bit)."""
+    top = int(x.max()) if x.numel() else 0
+    for levels in (2, 256, 65536):
+        if top < levels:
+            return levels
+    raise ValueError(f"image values up to {top}: expected 8- or 16-bit levels")
+
+
+def to_model_levels(x: Tensor, from_levels: int, model_levels: int, num_levels: int | None = None,
+                    binarize: str | None = None) -> Tensor:
+    """Images int64 [N, C, H, W] in [0, from_levels) mapped as ``train`` maps a dataset: quantised
+    to ``num_levels`` or binarised (``binarize``: "threshold" or "dynamic"). Without either the
+    images must already lie in [0, model_levels); ValueError names the flag that maps them."""
+    if num_levels is None and binarize is None:
+        top = int(x.max()) if x.numel() else 0
+        if top >= model_levels:
+            hint = "--binarize threshold (or dynamic)" if model_levels == 2 else f"--num-levels {model_levels}"
+            raise ValueError(f"the images' values reach {top} ({from_levels} levels) but the model takes "
+                             f"{model_levels} levels: pass {hint} to map them as training does")
+        return x
+    mapped = transform(ImageDataset(x, from_levels), num_levels, binarize)
+    if mapped.num_levels != model_levels:
+        hint = f"--num-levels {model_levels}" + (" or --binarize threshold" if model_levels == 2 else "")
+        raise ValueError(f"the mapped images have {mapped.num_levels} levels but the model takes {model_levels}: "
+                         f"pass {hint}")
+    return mapped.images
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """The model in ``eval()`` mode for the block, its mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def log_prob(model: nn.Module, x: Tensor, labels: Tensor | None = None, batch_size: int = 256,
+             progress: bool = False) -> Tensor:
+    """log p(x) in nats of every image, ``batch_size`` at a time on the model's device, in
+    ``eval()`` mode and without building a graph: x int64 [N, C, H, W] -> float64 [N] (CPU)."""
+    with eval_mode(model):
+        if labels is None:  # MADE averages its masks over all the batches at once
+            return model.log_prob_batches(list(x.split(batch_size)), progress).cpu()
+        parts = zip(x.split(batch_size), labels.split(batch_size), strict=True)
+        return torch.cat([model.log_prob(xb.to(model.device), lb.to(model.device)).double().cpu()
+                          for xb, lb in tqdm(list(parts), desc="evaluating", disable=not progress, leave=False)])
+
+
+@torch.no_grad()
+def log_prob_map(model: nn.Module, x: Tensor, labels: Tensor | None = None) -> Tensor:
+    """log p(x_d | x_<d) per dimension in nats, in ``eval()`` mode, no graph: [N, C, H, W] (CPU)."""
+    with eval_mode(model):
+        return model.log_prob_map(x.to(model.device), None if labels is None else labels.to(model.device)).cpu()
+
+
+def write_csv(path: Path, log_probs: Tensor, num_dims: int) -> None:
+    """index,nll_nats,bits_per_dim: one line per image."""
+    nll = (-log_probs).tolist()
+    lines = ["index,nll_nats,bits_per_dim"] + [f"{i},{v:.6f},{v / (num_dims * math.log(2)):.6f}"
+                                                for i, v in enumerate(nll)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def is_array_path(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in ARRAY_SUFFIXES
+
+
+def save_array(path: str | Path, images: Tensor, num_levels: int, labels: Tensor | None = None,
+               observed: Tensor | None = None) -> Path:
+    """Levels as ``.npy`` ([N, C, H, W], uint8 when they fit, else int64) or ``.npz`` (``images``,
+    and ``labels`` [N] / ``observed`` bool where given)."""
+    path = Path(path)
+    dtype = np.uint8 if num_levels <= 256 else np.int64
+    arrays = {"images": images.detach().cpu().numpy().astype(dtype)}
+    if labels is not None:
+        arrays["labels"] = labels.detach().cpu().numpy().astype(np.int64)
+    if observed is not None:
+        arrays["observed"] = observed.detach().cpu().numpy().astype(bool)
+    if path.suffix.lower() == ".npz":
+        np.savez(path, **arrays)
+    else:
+        np.save(path, arrays["images"])
+    return path
