@@ -18,6 +18,7 @@ shows the scores are not tuned to one dataset. Features (bits maps, codec length
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from pathlib import Path
 
@@ -93,25 +94,28 @@ def cached_features(cache: Path, tag: str, name: str, x: torch.Tensor, model, ba
     """Features of x with both codecs (their lengths in codec_bpd as [N, 2]), cached by tag and set name
     (the background's bits/dim apart, so a new background model reuses the rest)."""
     stem = cache / f"{tag}_{''.join(c if c.isalnum() else '_' for c in name)}"
-    path, bg_path = stem.with_suffix(".pt"), Path(f"{stem}_background.pt")
+    path, bg_path, flip_path = stem.with_suffix(".pt"), Path(f"{stem}_background.pt"), Path(f"{stem}_flipped.pt")
     start = time.perf_counter()
     if path.exists():
-        f = torch.load(path)
+        f = ood.Features(**torch.load(path))
     else:
         f = ood.features(model, x, batch_size=250)
         f.codec_bpd = torch.stack([ood.codec_bits_per_dim(x, model.num_levels, c) for c in codecs], 1)
-        torch.save(f, path)
+        torch.save({"nll_map": f.nll_map, "codec_bpd": f.codec_bpd}, path)
     if background is not None:
         if not bg_path.exists():
             torch.save(ood.nll_map(background, x, 250).double().flatten(1).mean(1), bg_path)
         f.background_bpd = torch.load(bg_path)
+    if not flip_path.exists():
+        torch.save(ood.nll_map(model, x.flip(2), 250).double().flatten(1).mean(1), flip_path)
+    f.flipped_bpd = torch.load(flip_path)
     if time.perf_counter() - start > 1:
         print(f"  features of {name} ({len(x)} images) in {time.perf_counter() - start:.1f} s", flush=True)
     return f
 
 
 def with_codec(f: ood.Features, i: int) -> ood.Features:
-    return ood.Features(f.nll_map, f.background_bpd, f.codec_bpd[:, i])
+    return ood.Features(f.nll_map, f.background_bpd, f.codec_bpd[:, i], f.flipped_bpd)
 
 
 def table(model, background, reference: ood.Features, feats: dict[str, ood.Features], scores: list[str],
@@ -163,6 +167,8 @@ def main() -> None:
             if split == "test" and codec == "png":
                 lines += [f"Fashion-MNIST (`fmnist_pixelcnn_pp`, background `{args.background}`), complexity by PNG. "
                           "Each cell: AUROC / AUPR / FPR at 95% TPR, out-set positive.", ""] + rows
+        if split == "validation":
+            choose_combination(model, background, reference, feats)
         if split == "test":
             advf = {n: cached_features(cache, "fm", n, x, model, background, ood.CODECS) for n, x in adv.items()}
             advf = {"clean (their sources)": advf.pop("clean (their sources)"), **advf}
@@ -176,6 +182,28 @@ def main() -> None:
         body = "\n".join(["Command: `python -m benchmarks.ood --cache /tmp/ood_cache` (" + machine() + ").", "",
                           __doc__.split("\n\n")[2].replace("\n", " "), ""] + lines)
         write_section("Out-of-distribution detection", body)
+
+
+def choose_combination(model, background, reference: ood.Features, feats: dict[str, ood.Features]) -> tuple:
+    """Fisher combinations of every subset (two or more) of the candidate scores on the validation sets,
+    best first by the worst out-set's AUROC, then the mean: the first is what ``ood.COMBINED`` should be."""
+    candidates = [c for c in ("typicality", "ratio", "complexity", "orientation", "local")
+                  if c != "ratio" or background is not None]
+    names = list(feats)
+    ranked = []
+    for k in range(1, len(candidates) + 1):
+        for subset in itertools.combinations(candidates, k):
+            det = ood.Detector(model, with_codec(reference, 0), "combined", background=background, combine=subset)
+            inn = det.score(with_codec(feats[names[0]], 0))
+            a = [auroc(inn, det.score(with_codec(feats[n], 0))) for n in names[1:]]
+            ranked.append((min(a), sum(a) / len(a), subset, a))
+    ranked.sort(key=lambda r: (-r[0], -r[1]))
+    print("\nFisher combinations on the validation sets (worst, mean, per out-set AUROC):")
+    for worst, mean, subset, a in ranked[:8]:
+        print(f"  {worst:.3f} {mean:.3f} {'+'.join(subset):45s} " + " ".join(f"{v:.3f}" for v in a))
+    best = ranked[0][2]
+    print(f"best on validation: {best}; ood.COMBINED is {ood.COMBINED}")
+    return best
 
 
 def bmnist(cache: Path) -> list[str]:

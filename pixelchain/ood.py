@@ -15,6 +15,10 @@ its own test images (Nalisnick et al. 2019). The scores here, each "higher = mor
   stays (``perturb``, ``PerturbedDataset``, benchmarks/train_background.py);
 - ``complexity``: bits/dim minus the bits/dim of a generic lossless codec (Serrà et al. 2020):
   ``codec`` "png" or "jpegxl" (imagecodecs);
+- ``orientation``: bits/dim of the image minus bits/dim of the image turned upside down: a ratio
+  whose "background" is the model itself on the same pixels (the same histogram and complexity, so
+  they cancel), positive when the image reads better the other way up: the test for images that are
+  likely pixel by pixel but in the wrong places, which no per-image likelihood sees;
 - ``local``: where the model is surprised: the model's bits in each band of rows, z-scored against
   the reference images' bands and squared, averaged (a typicality test on the map of log p);
   flipped or shifted images put likely pixels in unlikely places;
@@ -39,7 +43,7 @@ from tqdm.auto import tqdm
 from .data import ImageDataset
 from .models.base import AutoregressiveModel
 
-SCORES = ("bpd", "typicality", "ratio", "complexity", "local", "combined")
+SCORES = ("bpd", "typicality", "ratio", "complexity", "orientation", "local", "combined")
 COMBINED = ("typicality", "ratio", "complexity", "local")  # chosen on validation images (BENCHMARKS.md)
 CODECS = ("png", "jpegxl")
 BACKGROUNDS = {"fmnist_pixelcnn_pp": "fmnist_background"}  # shipped model -> its shipped background model
@@ -149,11 +153,13 @@ def codec_bits_per_dim(x: Tensor, num_levels: int, codec: str = "png") -> Tensor
 @dataclass
 class Features:
     """What the scores are computed from, per image: the model's bits map [N, C, H, W], and where
-    asked the background's bits/dim [N] and the codec's bits/dim [N]."""
+    asked the background's bits/dim [N], the codec's bits/dim [N] and the model's bits/dim of the
+    image upside down [N]."""
 
     nll_map: Tensor
     background_bpd: Tensor | None = None
     codec_bpd: Tensor | None = None
+    flipped_bpd: Tensor | None = None
 
     @property
     def bpd(self) -> Tensor:
@@ -166,7 +172,8 @@ class Features:
 
 
 def features(model: AutoregressiveModel, x: Tensor, *, background: AutoregressiveModel | None = None,
-             codec: str | None = None, batch_size: int = 256, progress: bool = False) -> Features:
+             codec: str | None = None, flipped: bool = False, batch_size: int = 256,
+             progress: bool = False) -> Features:
     """The features of images x int64 [N, C, H, W] that the scores use."""
     x = _check_density(model).check_input(x)[0]
     if background is not None:
@@ -179,6 +186,7 @@ def features(model: AutoregressiveModel, x: Tensor, *, background: Autoregressiv
         nll_map(model, x, batch_size, progress),
         None if background is None else nll_map(background, x, batch_size, progress).double().flatten(1).mean(1),
         None if codec is None else codec_bits_per_dim(x, model.num_levels, codec),
+        nll_map(model, x.flip(2), batch_size, progress).double().flatten(1).mean(1) if flipped else None,
     )
 
 
@@ -190,19 +198,23 @@ class Detector:
     ratio when one is given); codec: of ``complexity`` (``CODECS``)."""
 
     def __init__(self, model: AutoregressiveModel, reference: Tensor | Features, score: str = "combined", *,
-                 background: AutoregressiveModel | None = None, codec: str = "png", batch_size: int = 256,
-                 progress: bool = False) -> None:
+                 background: AutoregressiveModel | None = None, codec: str = "png",
+                 combine: tuple[str, ...] | None = None, batch_size: int = 256, progress: bool = False) -> None:
         if score not in SCORES:
             raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
-        if score == "ratio" and background is None:
-            raise ValueError("the ratio score needs a background model (Ren et al.): pass background=")
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r}; choose from {', '.join(CODECS)}")
+        if combine is not None and not set(combine) <= set(SCORES) - {"combined"}:
+            raise ValueError(f"combine takes scores from {', '.join(SCORES[:-1])}, got {combine}")
         self.model, self.score_name, self.background, self.codec = _check_density(model), score, background, codec
+        self._combine = combine
         self.batch_size, self.progress = batch_size, progress
         needs = {score} | (set(self.components) if score == "combined" else set())
+        if "ratio" in needs and background is None:
+            raise ValueError("the ratio score needs a background model (Ren et al.): pass background=")
         self._codec = codec if "complexity" in needs else None
         self._background = background if "ratio" in needs else None
+        self._flipped = "orientation" in needs
         ref = reference if isinstance(reference, Features) else self.features(reference)
         if len(ref.nll_map) < 2:
             raise ValueError("a detector needs at least two reference images")
@@ -218,13 +230,16 @@ class Detector:
 
     @property
     def components(self) -> tuple[str, ...]:
-        """The scores ``combined`` joins: ``COMBINED``, less the ratio without a background model."""
+        """The scores ``combined`` joins: ``combine`` if given, else ``COMBINED`` less the ratio
+        without a background model."""
+        if self._combine is not None:
+            return self._combine
         return tuple(c for c in COMBINED if c != "ratio" or self.background is not None)
 
     def features(self, x: Tensor) -> Features:
         """The features this detector's score needs, of images x int64 [N, C, H, W]."""
-        return features(self.model, x, background=self._background, codec=self._codec, batch_size=self.batch_size,
-                        progress=self.progress)
+        return features(self.model, x, background=self._background, codec=self._codec, flipped=self._flipped,
+                        batch_size=self.batch_size, progress=self.progress)
 
     def _score(self, name: str, f: Features) -> Tensor:
         if name == "bpd":
@@ -235,6 +250,8 @@ class Detector:
             return f.bpd - f.background_bpd
         if name == "complexity":
             return f.bpd - f.codec_bpd
+        if name == "orientation":
+            return f.bpd - f.flipped_bpd
         if name == "local":
             return ((f.bands() - self.band_mean) / self.band_std).square().mean(1)
         fisher = sum(-torch.log(p_values(self._score(c, f), self.reference_scores[c])) for c in self.components)

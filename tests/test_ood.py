@@ -59,7 +59,7 @@ def test_batch_typicality(model, reference):
     assert ood.batch_typicality(zeros, ref, 2000, g) < 0.01
 
 
-def test_local_flags_likely_values_in_unlikely_places(reference):
+def test_local_and_orientation_flag_likely_values_in_unlikely_places():
     # in: the top row is always 0, the rest skewed; out: the same values with the rows flipped
     data = skewed(2000, 5)
     data[:, :, 0] = 0
@@ -67,8 +67,13 @@ def test_local_flags_likely_values_in_unlikely_places(reference):
     ref, inn = skewed(400, 6), skewed(300, 7)
     ref[:, :, 0] = 0
     inn[:, :, 0] = 0
-    det = ood.Detector(local_model, ref, "local")
-    assert auroc(det.score(inn), det.score(inn.flip(2))) > 0.9
+    for score in ("local", "orientation"):
+        det = ood.Detector(local_model, ref, score)
+        assert auroc(det.score(inn), det.score(inn.flip(2))) > 0.9
+    det = ood.Detector(local_model, ref, "orientation")
+    f = det.features(inn)
+    torch.testing.assert_close(f.flipped_bpd, det.features(inn.flip(2)).bpd)
+    assert (det.score(f) < 0).float().mean() > 0.8 and det.score(f).mean() < -0.1  # upright reads better
 
 
 def test_ratio_against_a_background_of_perturbed_inputs(model, reference):
@@ -121,6 +126,10 @@ def test_one_line_errors(model, reference):
         ood.Detector(model, reference, "entropy")
     with pytest.raises(ValueError, match="background"):
         ood.Detector(model, reference, "ratio")
+    with pytest.raises(ValueError, match="background"):
+        ood.Detector(model, reference, "combined", combine=("ratio", "complexity"))
+    with pytest.raises(ValueError, match="combine"):
+        ood.Detector(model, reference, "combined", combine=("bpd", "entropy"))
     other = pc.create("gated_pixelcnn", (1, 5, 5), K, channels=4, num_layers=1, kernel_size=3, head_channels=4)
     with pytest.raises(ValueError, match="must match"):
         ood.Detector(model, reference, "ratio", background=other)
