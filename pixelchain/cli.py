@@ -252,7 +252,7 @@ def cmd_detect(args) -> None:
     background = None
     if background_name and args.score in ("ratio", "combined"):
         background = checkpoint.load(background_name, runtime.pick_device(args.device))
-    x = read_images(args.images, model.image_shape[0])
+    x = model.check_input(read_images(args.images, model.image_shape[0]))[0]  # before the reference's work
     reference = read_images(reference_spec(args), model.image_shape[0])
     detector = ood.Detector(model, reference, args.score, background=background, codec=args.codec,
                             batch_size=args.batch_size, progress=True)

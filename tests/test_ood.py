@@ -135,3 +135,32 @@ def test_one_line_errors(model, reference):
         ood.Detector(model, reference, "ratio", background=other)
     with pytest.raises(ValueError, match="NaN"):
         ood.p_values(torch.tensor([float("nan")]), torch.zeros(3))
+
+
+def test_cli_detect_scores(model, reference, tmp_path, capsys):
+    import numpy as np
+
+    from pixelchain.cli import main
+
+    pc.save(model, tmp_path / "model")
+    pc.save(fitted(ood.perturb(skewed(500, 0), 0.5, K), steps=20), tmp_path / "background")
+    np.save(tmp_path / "ref.npy", reference.numpy().astype(np.uint8))
+    x = torch.cat([skewed(5, 9), torch.randint(0, K, (5, *SHAPE), generator=torch.Generator().manual_seed(1))])
+    np.save(tmp_path / "x.npy", x.numpy().astype(np.uint8))
+    common = [str(tmp_path / "model"), str(tmp_path / "x.npy"), "--reference", str(tmp_path / "ref.npy"), "--device",
+              "cpu"]
+    main(["detect", *common, "--score", "ratio", "--background", str(tmp_path / "background"),
+          "--out", str(tmp_path / "d")])
+    lines = (tmp_path / "d" / "p_values.csv").read_text().splitlines()
+    assert lines[0] == "index,bits_per_dim,score,p_value" and len(lines) == 11
+    p = torch.tensor([float(line.split(",")[3]) for line in lines[1:]])
+    assert p[5:].max() < p[:5].min()  # the noise images are the atypical ones
+    assert "batch typicality test p =" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["detect", *common, "--score", "ratio", "--out", str(tmp_path / "e")])
+    assert exit_.value.code == 1 and "background" in capsys.readouterr().err.strip()
+    np.save(tmp_path / "bad.npy", np.zeros((2, 1, 5, 5), np.uint8))
+    with pytest.raises(SystemExit):
+        main(["detect", common[0], str(tmp_path / "bad.npy"), *common[2:]])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "shape" in err
