@@ -6,7 +6,7 @@
     pixelchain sample runs/gated -n 64
     pixelchain complete runs/gated
     pixelchain attack fmnist_resnet fashion_mnist:test[:1000] --method bim --eps 8 --out adv/
-    pixelchain detect fmnist_pixelcnn_pp adv/adversarial.npy --out detect/
+    pixelchain detect fmnist_pixelcnn_pp adv/adversarial.npy --score bpd --out detect/
     pixelchain purify fmnist_pixelcnn_pp adv/adversarial.npy --eps 16 --classifier fmnist_resnet --labels adv/labels.npy
 Under ``torchrun --nproc_per_node=N pixelchain train ...`` training is data-parallel.
 """
