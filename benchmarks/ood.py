@@ -5,11 +5,11 @@
 
 In-distribution Fashion-MNIST (``fmnist_pixelcnn_pp``, background ``fmnist_background``): the
 reference (p-values, statistics) is the valid split's first 2,000 images; the test in-set the test
-split's first 1,000; out-sets built from the other datasets here. The default score (``combined``)
+split's first 1,000; out-sets of 500 images built from the other datasets here. The default score (``combined``)
 and its components were chosen on *validation* images only: valid-split images 5,000-6,000 against
 out-sets of training-split MNIST and Caltech images, noise of another seed and flipped valid images;
-the test out-sets below were not looked at for that choice. "train vs test" puts the in-set test
-images against training images: it should stay near 0.5 (no false alarms on new images of the kind).
+the test out-sets below were not looked at for that choice. The row "Fashion-MNIST train" puts 500
+training images against the test in-set: it should stay near 0.5 (no false alarms on new images of the kind).
 PixelDefend's adversarial sets are FGSM and BIM (eps 8) on ``fmnist_resnet``. A second
 in-distribution, binarized MNIST with its shipped ``bmnist_pixelcnn_pp_cpu`` (no background shipped),
 shows the scores are not tuned to one dataset. Features (bits maps, codec lengths) are cached.
@@ -30,7 +30,7 @@ from benchmarks.common import machine, write_section
 from pixelchain import attacks, ood
 from pixelchain.defend import auroc
 
-OUT = 500  # images per out-set (in-sets: 1,000; reference: 2,000)
+OUT = 500  # images per out-set and per set of binarized MNIST (Fashion-MNIST: in-set 1,000, reference 2,000)
 
 
 def aupr(inn: torch.Tensor, out: torch.Tensor) -> float:
@@ -59,7 +59,7 @@ def fmnist_sets(seed: int, split: str) -> dict[str, torch.Tensor]:
     caltech = pc.data.load("caltech101_silhouettes", "test" if split == "test" else "train").images * 255
     if split == "test":
         inn, flip_src = fm_test[:1000], fm_test[1000:2000]
-        train = pc.data.load("fashion_mnist", "train").images[:1000]
+        train = pc.data.load("fashion_mnist", "train").images[:OUT]
         sets = {"in: Fashion-MNIST test": inn, "Fashion-MNIST train": train}
     else:
         inn, flip_src = fm_valid[5000:6000], fm_valid[6000:7000]
@@ -211,13 +211,13 @@ def bmnist(cache: Path) -> list[str]:
     test, valid = (pc.data.load("binarized_mnist", s).images for s in ("test", "valid"))
     g = torch.Generator().manual_seed(3)
     fm = pc.data.load("fashion_mnist", "test").images
-    sets = {"in: binarized MNIST test": test[:1000],
-            "binarized MNIST train": pc.data.load("binarized_mnist", "train").images[:1000],
+    sets = {"in: binarized MNIST test": test[:OUT],
+            "binarized MNIST train": pc.data.load("binarized_mnist", "train").images[:OUT],
             "Fashion-MNIST binarized (> 127)": (fm[:OUT] > 127).long(),
             "Caltech-101 Silhouettes": pc.data.load("caltech101_silhouettes", "test").images[:OUT],
             "Bernoulli(0.5) noise": torch.randint(0, 2, (OUT, 1, 28, 28), generator=g),
             "binarized MNIST flipped upside down": test[1000 : 1000 + OUT].flip(2)}
-    reference = cached_features(cache, "bm", "reference", valid[:2000], model, None, ood.CODECS)
+    reference = cached_features(cache, "bm", "reference", valid[:1000], model, None, ood.CODECS)
     feats = {n: cached_features(cache, "bm", n, x, model, None, ood.CODECS) for n, x in sets.items()}
     scores = [s for s in ood.SCORES if s != "ratio"]
     rows, _ = table(model, None, reference, feats, scores, 0)
