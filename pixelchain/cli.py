@@ -246,6 +246,9 @@ def reference_spec(args) -> str:
     return f"{config['dataset']['name']}:valid"
 
 
+DETECT_REFERENCE = 2000  # default reference of detect: the first this many valid images (p-values in 1/2001 steps)
+
+
 def cmd_detect(args) -> None:
     model = checkpoint.load(args.run, runtime.pick_device(args.device))
     background_name = args.background or ood.BACKGROUNDS.get(args.run)
@@ -253,7 +256,8 @@ def cmd_detect(args) -> None:
     if background_name and args.score in ("ratio", "combined"):
         background = checkpoint.load(background_name, runtime.pick_device(args.device))
     x = model.check_input(read_images(args.images, model.image_shape[0]))[0]  # before the reference's work
-    reference = read_images(reference_spec(args), model.image_shape[0])
+    spec = reference_spec(args) if args.reference else f"{reference_spec(args)}[:{DETECT_REFERENCE}]"
+    reference = read_images(spec, model.image_shape[0])
     detector = ood.Detector(model, reference, args.score, background=background, codec=args.codec,
                             batch_size=args.batch_size, progress=True)
     features = detector.features(x)
@@ -265,7 +269,7 @@ def cmd_detect(args) -> None:
     rows = enumerate(zip(bpd.tolist(), score.tolist(), p.tolist(), strict=True))
     lines = ["index,bits_per_dim,score,p_value"] + [f"{i},{b:.6f},{s:.6f},{q:.6f}" for i, (b, s, q) in rows]
     (out / "p_values.csv").write_text("\n".join(lines) + "\n")
-    plots.save_histogram({args.images: bpd, f"reference {reference_spec(args)}": detector.reference_bpd},
+    plots.save_histogram({args.images: bpd, f"reference {spec}": detector.reference_bpd},
                          out / "bits_per_dim.png")
     for line in lines[1 : 1 + args.show]:
         print(line)
@@ -442,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="density model: run directory or shipped checkpoint name")
     p.add_argument("images", help=images_help)
     p.add_argument("--reference", help="held-out clean images the p-values rank against (default: the model's "
-                   "dataset, valid split)")
+                   f"dataset, valid split, its first {DETECT_REFERENCE})")
     p.add_argument("--score", choices=ood.SCORES, default="combined",
                    help="out-of-distribution score (see pixelchain.ood; higher = more atypical)")
     p.add_argument("--background", help="background model of the ratio score (default: the shipped one paired "
