@@ -253,7 +253,7 @@ def cmd_detect(args) -> None:
     model = checkpoint.load(args.run, runtime.pick_device(args.device))
     background_name = args.background or ood.BACKGROUNDS.get(args.run)
     background = None
-    if background_name and args.score in ("ratio", "combined"):
+    if background_name and (args.score == "ratio" or args.score == "combined" and "ratio" in ood.COMBINED):
         background = checkpoint.load(background_name, runtime.pick_device(args.device))
     x = model.check_input(read_images(args.images, model.image_shape[0]))[0]  # before the reference's work
     spec = reference_spec(args) if args.reference else f"{reference_spec(args)}[:{DETECT_REFERENCE}]"

@@ -22,8 +22,9 @@ its own test images (Nalisnick et al. 2019). The scores here, each "higher = mor
 - ``local``: where the model is surprised: the model's bits in each band of rows, z-scored against
   the reference images' bands and squared, averaged (a typicality test on the map of log p);
   flipped or shifted images put likely pixels in unlikely places;
-- ``combined``: Fisher's combination of the p-values of ``COMBINED`` (those whose model is at hand):
-  -sum log p_i, itself ranked against the reference images' leave-one-out values.
+- ``combined``: Fisher's combination of the p-values of ``COMBINED`` (complexity and orientation,
+  chosen on validation sets: benchmarks/ood.py): -sum log p_i, itself ranked against the reference
+  images' leave-one-out values, so its p-value is calibrated like the others'.
 
 Every score's p-value is (1 + #{reference images scoring at least as high}) / (N + 1): uniform under
 the null that the image is drawn like the reference (held-out in-distribution images, not training ones).
@@ -194,8 +195,9 @@ class Detector:
     """An out-of-distribution score fitted to reference (held-out in-distribution) images.
 
     model: the density model; reference: int64 [N, C, H, W], or their precomputed ``Features``;
-    score: one of ``SCORES``; background: the background model (``ratio``; ``combined`` uses the
-    ratio when one is given); codec: of ``complexity`` (``CODECS``)."""
+    score: one of ``SCORES``; background: the background model (``ratio``, and ``combined`` when its
+    scores include the ratio); codec: of ``complexity`` (``CODECS``); combine: the scores ``combined``
+    joins (default ``COMBINED``)."""
 
     def __init__(self, model: AutoregressiveModel, reference: Tensor | Features, score: str = "combined", *,
                  background: AutoregressiveModel | None = None, codec: str = "png",
