@@ -214,15 +214,17 @@ def choose_combination(model, background, reference: ood.Features, feats: dict[s
 def bmnist(cache: Path) -> list[str]:
     """Binarized MNIST in, with its shipped PixelCNN++: the scores without a background model."""
     model = pc.load("bmnist_pixelcnn_pp_cpu")
-    test, valid = (pc.data.load("binarized_mnist", s).images for s in ("test", "valid"))
+    test, valid, train = (pc.data.load("binarized_mnist", s).images for s in ("test", "valid", "train"))
     g = torch.Generator().manual_seed(3)
+    # the splits are grouped by digit: random draws, not the first images
+    test, valid, train = (x[torch.randperm(len(x), generator=g)] for x in (test, valid, train))
     fm = pc.data.load("fashion_mnist", "test").images
     sets = {"in: binarized MNIST test": test[:OUT],
-            "binarized MNIST train": pc.data.load("binarized_mnist", "train").images[:OUT],
+            "binarized MNIST train": train[:OUT],
             "Fashion-MNIST binarized (> 127)": (fm[:OUT] > 127).long(),
             "Caltech-101 Silhouettes": pc.data.load("caltech101_silhouettes", "test").images[:OUT],
             "Bernoulli(0.5) noise": torch.randint(0, 2, (OUT, 1, 28, 28), generator=g),
-            "binarized MNIST flipped upside down": test[1000 : 1000 + OUT].flip(2)}
+            "binarized MNIST flipped upside down": test[OUT : 2 * OUT].flip(2)}
     reference = cached_features(cache, "bm", "reference", valid[:1000], model, None, ood.CODECS)
     feats = {n: cached_features(cache, "bm", n, x, model, None, ood.CODECS) for n, x in sets.items()}
     scores = [s for s in ood.SCORES if s != "ratio"]

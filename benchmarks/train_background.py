@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--max-time", type=float, default=2700.0, help="seconds in this call")
+    parser.add_argument("--max-steps", type=int, help="stop once the run has taken this many steps")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     train, valid, test = (pc.data.load(DATASET, s) for s in ("train", "valid", "test"))
@@ -46,6 +47,7 @@ def main() -> None:
     model = pc.create("pixelcnn_pp", image_shape=train.image_shape, num_levels=train.num_levels, **HPARAMS)
     settings = {"batch_size": 32, "lr": 2e-3, "lr_decay": 0.95, "weight_decay": args.weight_decay}
     summary = pc.fit(model, train, valid, run_dir=args.run_dir, epochs=args.epochs, max_time=args.max_time,
+                     max_steps=args.max_steps,
                      resume=args.resume, progress=False, eval_every=600,
                      info={"dataset": {"name": DATASET}, "background": {"mu": args.mu}}, **settings)
     metrics = pc.evaluate(model, test)
