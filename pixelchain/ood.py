@@ -1,8 +1,9 @@
 """Out-of-distribution detection with the exact likelihood.
 
-    det = ood.Detector(model, reference, score="combined", background=pc.load("fmnist_background"))
+    det = ood.Detector(model, reference)      # score="combined"; reference: held-out in-distribution images
     s = det.score(x)          # [N] float64, higher = more atypical
     p = det.p_values(x)       # [N] in (0, 1], small = atypical, against the reference images
+    ratio = ood.Detector(model, reference, "ratio", background=pc.load("fmnist_background"))
 
 Raw bits/dim is the famous wrong answer: a model of Fashion-MNIST gives MNIST *higher* likelihood than
 its own test images (Nalisnick et al. 2019). The scores here, each "higher = more atypical":
