@@ -169,6 +169,8 @@ def main() -> None:
                 lines += ["", f"Test sets, Fashion-MNIST in (`fmnist_pixelcnn_pp`, background `{args.background}`), "
                           "complexity by PNG. Each cell: AUROC / AUPR / FPR at 95% TPR, out-set positive; "
                           f"`combined` = Fisher of {' + '.join(ood.COMBINED)}.", ""] + rows + ["", PUBLISHED]
+                lines += ["", *batch_test_rows(reference, feats)]
+                print(lines[-1])
         if split == "validation":
             choice = choose_combination(model, background, reference, feats)
         if split == "test":
@@ -183,6 +185,19 @@ def main() -> None:
     if not args.no_write and not args.validation:
         body = "\n".join([__doc__.split("\n\n")[2].replace("\n", " ") + f" ({machine()})", ""] + choice + lines)
         write_section("Out-of-distribution detection", body)
+
+
+def batch_test_rows(reference: ood.Features, feats: dict[str, ood.Features], size: int = 10) -> list[str]:
+    """Nalisnick et al.'s batch typicality test: the share of disjoint batches of ``size`` images of each
+    set with p <= 0.05 (bootstrap from the reference's bits/dim)."""
+    g = torch.Generator().manual_seed(0)
+    cells = []
+    for name, f in feats.items():
+        batches = f.bpd[: len(f.bpd) // size * size].view(-1, size)
+        p = torch.tensor([ood.batch_typicality(b, reference.bpd, 2000, g) for b in batches])
+        cells.append(f"{name}: {float((p <= 0.05).double().mean()):.2f}")
+    return [f"Batch typicality test (Nalisnick et al.), share of batches of {size} flagged at p <= 0.05: "
+            + "; ".join(cells) + "."]
 
 
 def choose_combination(model, background, reference: ood.Features, feats: dict[str, ood.Features]) -> tuple:
