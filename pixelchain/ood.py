@@ -245,6 +245,9 @@ class Detector:
                         batch_size=self.batch_size, progress=self.progress)
 
     def _score(self, name: str, f: Features) -> Tensor:
+        needed = {"ratio": f.background_bpd, "complexity": f.codec_bpd, "orientation": f.flipped_bpd}
+        if name in needed and needed[name] is None:
+            raise ValueError(f"these features lack what the {name} score needs: compute them with Detector.features")
         if name == "bpd":
             return f.bpd
         if name == "typicality":

@@ -134,6 +134,8 @@ def test_one_line_errors(model, reference):
     other = pc.create("gated_pixelcnn", (1, 5, 5), K, channels=4, num_layers=1, kernel_size=3, head_channels=4)
     with pytest.raises(ValueError, match="must match"):
         ood.Detector(model, reference, "ratio", background=other)
+    with pytest.raises(ValueError, match="lack"):
+        ood.Detector(model, reference, "complexity").score(ood.Features(ood.nll_map(model, reference)))
     with pytest.raises(ValueError, match="NaN"):
         ood.p_values(torch.tensor([float("nan")]), torch.zeros(3))
 
