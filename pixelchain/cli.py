@@ -7,7 +7,7 @@ decompress | list``.
     pixelchain sample runs/gated -n 64
     pixelchain complete runs/gated
     pixelchain attack fmnist_resnet fashion_mnist:test[:1000] --method bim --eps 8 --out adv/
-    pixelchain detect fmnist_pixelcnn_pp adv/adversarial.npy --out detect/
+    pixelchain detect fmnist_pixelcnn_pp adv/adversarial.npy --score bpd --out detect/
     pixelchain purify fmnist_pixelcnn_pp adv/adversarial.npy --eps 16 --classifier fmnist_resnet --labels adv/labels.npy
     pixelchain compress fmnist_pixelcnn_pp fashion_mnist:test[:1000] --out test.pxc
     pixelchain decompress test.pxc --out restored/ --png
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import attacks, checkpoint, codec, data, defend, masks, plots, runtime, score
+from . import attacks, checkpoint, codec, data, defend, masks, ood, plots, runtime, score
 from .classifiers import Classifier, list_classifiers
 from .io import count_images, dataset_split, read_images, read_integers, read_labels  # noqa: F401 - importable from here too
 from .models import describe, list_models
@@ -355,31 +355,46 @@ def cmd_complete(args) -> None:
 
 def reference_images(args, model: torch.nn.Module) -> tuple[torch.Tensor, str]:
     """The clean images p-values rank against, and how to name them: --reference, else the valid
-    split of the run's dataset as it trained on it (levels, binarisation, its own images)."""
+    split of the run's dataset as it trained on it (levels, binarisation, its own images), its first
+    DETECT_REFERENCE images."""
     if args.reference:
         return read_images(args.reference, model.image_shape[0], model.num_levels), args.reference
     dataset = run_dataset(args.run)
-    return load_split(dataset, "valid").images, f"{dataset['name']}:valid"
+    return load_split(dataset, "valid").images[:DETECT_REFERENCE], f"{dataset['name']}:valid[:{DETECT_REFERENCE}]"
+
+
+DETECT_REFERENCE = 2000  # default reference of detect: the first this many valid images (p-values in 1/2001 steps)
 
 
 def cmd_detect(args) -> None:
     model = checkpoint.load(args.run, runtime.pick_device(args.device))
-    x = read_images(args.images, model.image_shape[0], model.num_levels)
+    background_name = args.background or ood.BACKGROUNDS.get(args.run)
+    background = None
+    if background_name and (args.score == "ratio" or args.score == "combined" and "ratio" in ood.COMBINED):
+        background = checkpoint.load(background_name, runtime.pick_device(args.device))
+    # the images are checked before the reference's work
+    x = model.check_input(read_images(args.images, model.image_shape[0], model.num_levels))[0]
     reference, reference_name = reference_images(args, model)
-    bpd = defend.bits_per_dim(model, x, args.batch_size)
-    reference_bpd = defend.bits_per_dim(model, reference, args.batch_size)
-    p = defend.p_values(bpd, reference_bpd)
+    detector = ood.Detector(model, reference, args.score, background=background, codec=args.codec,
+                            batch_size=args.batch_size, progress=True)
+    features = detector.features(x)
+    score = detector.score(features)
+    p = detector.p_values(features, score)
+    bpd = features.bpd
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = enumerate(zip(bpd.tolist(), p.tolist(), strict=True))
-    lines = ["index,bits_per_dim,p_value"] + [f"{i},{b:.6f},{q:.6f}" for i, (b, q) in rows]
+    rows = enumerate(zip(bpd.tolist(), score.tolist(), p.tolist(), strict=True))
+    lines = ["index,bits_per_dim,score,p_value"] + [f"{i},{b:.6f},{s:.6f},{q:.6f}" for i, (b, s, q) in rows]
     (out / "p_values.csv").write_text("\n".join(lines) + "\n")
-    plots.save_histogram({args.images: bpd, f"reference {reference_name}": reference_bpd},
+    plots.save_histogram({args.images: bpd, f"reference {reference_name}": detector.reference_bpd},
                          out / "bits_per_dim.png")
     for line in lines[1 : 1 + args.show]:
         print(line)
+    joins = f" of {', '.join(detector.components)}" if args.score == "combined" else ""
     print(f"{len(x)} images: mean {bpd.mean():.4f} bits/dim (reference: {len(reference)} images, mean "
-          f"{reference_bpd.mean():.4f}); p <= {args.alpha}: {(p <= args.alpha).double().mean():.2%} of them "
+          f"{detector.reference_bpd.mean():.4f}); batch typicality test p = "
+          f"{ood.batch_typicality(bpd, detector.reference_bpd, generator=torch.Generator().manual_seed(0)):.4f}; "
+          f"score {args.score}{joins}: p <= {args.alpha} for {(p <= args.alpha).double().mean():.2%} of them "
           f"-> {out / 'p_values.csv'}, {out / 'bits_per_dim.png'}")
 
 
@@ -634,11 +649,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_attack)
 
-    p = sub.add_parser("detect", help="PixelDefend detection: bits/dim and p-values of images under a density model")
+    p = sub.add_parser("detect", help="out-of-distribution / adversarial detection: scores and p-values under a "
+                       "density model")
     p.add_argument("run", help="density model: run directory or shipped checkpoint name")
     p.add_argument("images", help=images_help)
     p.add_argument("--reference", help="held-out clean images the p-values rank against (default: the model's "
-                   "dataset, valid split)")
+                   f"dataset, valid split, its first {DETECT_REFERENCE})")
+    p.add_argument("--score", choices=ood.SCORES, default="combined",
+                   help="out-of-distribution score (see pixelchain.ood; higher = more atypical)")
+    p.add_argument("--background", help="background model of the ratio score (default: the shipped one paired "
+                   "with RUN, e.g. fmnist_background for fmnist_pixelcnn_pp)")
+    p.add_argument("--codec", choices=ood.CODECS, default="png", help="lossless codec of the complexity score")
     p.add_argument("--out", default="detect", help="folder for p_values.csv and bits_per_dim.png")
     p.add_argument("--alpha", type=probability, default=0.05, help="report the share of images with p <= alpha")
     p.add_argument("--show", type=nonnegative, default=10, help="print the first this many p-values")

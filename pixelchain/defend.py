@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .models.base import AutoregressiveModel, check_eps
+from .ood import p_values  # noqa: F401  (defend.p_values: PixelDefend's detector)
 
 
 def check_pair(classifier: nn.Module, model: AutoregressiveModel) -> None:
@@ -50,20 +51,6 @@ def bits_per_dim(model: AutoregressiveModel, x: Tensor, batch_size: int = 256, p
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
-
-
-def p_values(bpd: Tensor, reference_bpd: Tensor) -> Tensor:
-    """(1 + #{reference images at least as unlikely}) / (N + 1) per image: bpd [M], reference [N]
-    bits/dim -> [M] in (0, 1]. "At least as unlikely" is reference bits/dim >= the image's; under
-    the null (the image is drawn like the reference) the p-value is uniform on {1, ..., N+1}/(N+1)."""
-    reference = torch.as_tensor(reference_bpd, dtype=torch.float64).flatten().sort().values
-    if len(reference) == 0:
-        raise ValueError("p-values need at least one reference image")
-    bpd = torch.as_tensor(bpd, dtype=torch.float64)
-    if torch.isnan(bpd).any() or torch.isnan(reference).any():
-        raise ValueError("bits/dim contain NaN")
-    at_least = len(reference) - torch.searchsorted(reference, bpd, right=False)
-    return (1 + at_least).double() / (len(reference) + 1)
 
 
 def auroc(clean: Tensor, attacked: Tensor) -> float:

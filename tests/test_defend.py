@@ -201,8 +201,8 @@ def test_cli_detect_and_purify(tmp_path, capsys):
     main(["detect", str(tmp_path / "model"), str(tmp_path / "x.npy"), "--reference", str(tmp_path / "ref.npy"),
           "--out", str(tmp_path / "detect"), "--device", "cpu"])
     lines = (tmp_path / "detect" / "p_values.csv").read_text().splitlines()
-    assert lines[0] == "index,bits_per_dim,p_value" and len(lines) == 6
-    assert all(0 < float(line.split(",")[2]) <= 1 for line in lines[1:])
+    assert lines[0] == "index,bits_per_dim,score,p_value" and len(lines) == 6
+    assert all(0 < float(line.split(",")[3]) <= 1 for line in lines[1:])
     assert (tmp_path / "detect" / "bits_per_dim.png").is_file()
     main(["purify", str(tmp_path / "model"), str(tmp_path / "x.npy"), "--eps", "2", "--out", str(tmp_path / "pure"),
           "--device", "cpu"])

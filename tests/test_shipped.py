@@ -19,7 +19,8 @@ def test_checkpoints_are_shipped():
     families = ["fvsbn_per_pixel", "nade", "made", "pixelcnn", "gated_pixelcnn", "pixelcnn_pp_cpu", "row_lstm",
                 "diagonal_bilstm_cpu", "transformer_cpu"]
     assert set(SHIPPED) == {f"bmnist_{f}" for f in families} | {"fvsbn_caltech", "logistic_regression_mnist",
-                                                                 "fmnist_resnet", "fmnist_vgg", "fmnist_pixelcnn_pp"}
+                                                                 "fmnist_resnet", "fmnist_vgg", "fmnist_pixelcnn_pp",
+                                                                 "fmnist_background"}
 
 
 @pytest.mark.parametrize("name", SHIPPED)
