@@ -330,6 +330,8 @@ def cmd_complete(args) -> None:
         if args.num_levels is not None or args.binarize is not None:
             raise ValueError("--num-levels and --binarize map IMAGES; the run's dataset is mapped as it was trained")
         test = load_split(model_dataset(args.dataset, args.run, model), args.split)
+        if (args.n or 8) > len(test):
+            raise ValueError(f"-n {args.n}: the {args.split} split holds {len(test)} images")
         index = torch.linspace(0, len(test) - 1, args.n or 8).long()
         x = test.images[index]
         labels = class_labels(model, args, len(x)) if args.label is not None or model.num_classes is None else (
@@ -340,6 +342,10 @@ def cmd_complete(args) -> None:
     generator = torch.Generator().manual_seed(args.seed)  # on the CPU, as in sample
     observed = ~masks.missing(args.mask, tuple(x.shape), generator)
     S = args.per_image
+    # the completions are held at once (the decoders' memory stays bounded by --batch-size)
+    runtime.check_fits(3 * len(x) * S * model.num_dims * 8, f"{S} completions of {len(x)} images", device)
+    if not score.is_array_path(out):
+        plots.check_grid(min(len(x), args.grid) * (S + 2), model.image_shape, ncols=S + 2)
     done = model.complete(x.repeat_interleave(S, 0).to(device), observed.repeat_interleave(S, 0), generator,
                           args.temperature, None if labels is None else labels.repeat_interleave(S).to(device),
                           args.naive, progress=True, batch_size=args.batch_size)

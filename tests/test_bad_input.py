@@ -93,7 +93,6 @@ def cases(root):
         # sample
         ["sample", m, "-n", "0", "--out", out + ".png"],
         ["sample", m, "-n", "10000000", "--out", out + ".png"],
-        ["sample", m, "--temperature", "0", "--out", out + ".png"],
         ["sample", m, "--temperature", "nan", "--out", out + ".png"],
         ["sample", m, "--temperature", "-1", "--out", out + ".png"],
         ["sample", m, "--label", "3", "--out", out + ".png"],

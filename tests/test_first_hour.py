@@ -123,11 +123,18 @@ def test_eval_scores_a_slice_of_a_split_and_a_png_folder_alike(tmp_path, capsys)
     assert a.split(": ", 1)[1] == b.split(": ", 1)[1]
 
 
-def test_eval_with_labels_for_a_model_that_has_no_classes_is_refused(capsys):
+def binary_images(tmp_path, n: int) -> str:
+    """n random binary 28x28 images as a .npy (no dataset needed)."""
+    path = tmp_path / "binary.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 2, (n, 1, 28, 28)).astype(np.uint8))
+    return str(path)
+
+
+def test_eval_with_labels_for_a_model_that_has_no_classes_is_refused(tmp_path, capsys):
     from pixelchain.cli import main
 
     with pytest.raises(SystemExit):
-        main(["eval", "bmnist_nade", "binarized_mnist:test[:2]", "--label", "3", "--quiet"])
+        main(["eval", "bmnist_nade", binary_images(tmp_path, 2), "--num-levels", "2", "--label", "3", "--quiet"])
     assert "not class-conditional" in capsys.readouterr().err
 
 
@@ -242,8 +249,8 @@ def test_heatmap_draws_each_image_beside_its_surprise(tmp_path):
     assert Image.open(tmp_path / "h.png").size == (2 * (5 + 1) + 1, 3 * (6 + 1) + 1)
 
 
-def test_quiet_turns_progress_bars_off(capsys):
-    run_cli("eval", "bmnist_nade", "binarized_mnist:test[:300]", capsys=None)
+def test_quiet_turns_progress_bars_off(tmp_path, capsys):
+    run_cli("eval", "bmnist_nade", binary_images(tmp_path, 300), "--num-levels", "2", capsys=None)
     assert "evaluating" not in capsys.readouterr().err
 
 
