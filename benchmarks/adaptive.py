@@ -110,7 +110,8 @@ def main() -> None:
     parser.add_argument("--step-size", type=int, default=1, help="PGD step, levels")
     parser.add_argument("--restarts", type=int, default=2)
     parser.add_argument("--routes", nargs="*", default=list(adaptive.ROUTES), choices=adaptive.ROUTES)
-    parser.add_argument("--temperature", type=float, default=1.0, help="the smooth purifier's softmax temperature")
+    parser.add_argument("--temperature", type=float, default=adaptive.TEMPERATURE,
+                        help="the smooth purifier's softmax temperature")
     parser.add_argument("--apgd", nargs="*", default=["ce", "dlr"], choices=["ce", "dlr"])
     parser.add_argument("--apgd-steps", type=int, help="APGD iterations per restart (default: --steps)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the 10- and 40-step one-start BPDA")
@@ -170,7 +171,8 @@ def against_pixeldefend(args, clf, model, x, y, eps_def: int, prefix: Path, titl
                 generator=torch.Generator().manual_seed(args.seed), **common))]
     for route in args.routes:
         attacks.append((f"PGD-{route}, {args.steps} steps of {args.step_size}, {args.restarts} random starts",
-                        f"pgd_{route}_s{args.steps}x{args.step_size}_r{args.restarts}_t{args.temperature}",
+                        f"pgd_{route}_s{args.steps}x{args.step_size}_r{args.restarts}"
+                        + (f"_t{args.temperature}" if route == "surrogate" else ""),
                         f"PGD-{route}", partial(
                             adaptive.pgd, clf, defended, x, y, args.eps, steps=args.steps, step_size=args.step_size,
                             restarts=args.restarts, route=route, model=model, eps_def=eps_def,

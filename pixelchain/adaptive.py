@@ -16,7 +16,7 @@ int64 levels; the purifier is an ART preprocessing defence of an ART ``PyTorchCl
 * ``surrogate``: ``SurrogatePurifier``, a ``PreprocessorPyTorch`` whose forward value is the real
   purification and whose gradient is that of ``smooth_purify``: per dimension, the softmax-weighted
   mean of the values in a soft eps-window under the density model's conditionals, teacher-forced on
-  the current (unpurified) image.
+  the purified image (one forward pass), whose gradient passes to the input as the identity.
 
 ``pgd`` is sign-gradient PGD on integer levels over ART's ``loss_gradient`` (random starts,
 restarts); ``apgd`` runs ART's ``AutoProjectedGradientDescent`` (CE or DLR loss) through the same
@@ -49,6 +49,7 @@ from .runtime import intra_op_threads
 
 METHODS = ("bpda", "apgd-ce", "apgd-dlr")
 ROUTES = ("identity", "surrogate")
+TEMPERATURE, SOFTNESS = 0.3, 0.1  # the smooth purifier's defaults: see smooth_purify
 
 
 class WorstCase:
@@ -125,17 +126,17 @@ def all_log_probs(model: AutoregressiveModel, v: Tensor) -> Tensor:
     return torch.stack(per_channel, 1).view(B, H, W, C, -1).permute(0, 3, 1, 2, 4)
 
 
-def smooth_purify(model: AutoregressiveModel, v: Tensor, eps: int, temperature: float = 1.0,
-                  softness: float = 0.5) -> Tensor:
+def smooth_purify(model: AutoregressiveModel, v: Tensor, eps: int, temperature: float = TEMPERATURE,
+                  softness: float = SOFTNESS, prefix: Tensor | None = None) -> Tensor:
     """A differentiable stand-in for ``defend.purify``: float levels v [B, C, H, W] -> [B, C, H, W].
 
-    Each dimension becomes sum_k k * softmax_k(log p(k | v_<d) / temperature + log w(k)), where the
-    soft window w(k) = sigmoid((eps + 1/2 - |k - v_d|) / softness) replaces the hard [v - eps, v + eps]
-    (so the output moves with v_d where the window's edge binds, as the argmax does). Small
-    temperature and softness approach the argmax; the conditionals see v's own prefix, not the
-    purified one."""
+    Each dimension becomes sum_k k * softmax_k(log p(k | prefix_<d) / temperature + log w(k)), where
+    the soft window w(k) = sigmoid((eps + 1/2 - |k - v_d|) / softness) replaces the hard
+    [v - eps, v + eps] (so the output moves with v_d where the window's edge binds, as the argmax
+    does). ``prefix`` (default: v) is the image the conditionals are teacher-forced on: given the
+    purified image, they are the ones purification used, and a cold softmax is its argmax."""
     K = model.num_levels
-    log_probs = all_log_probs(model, v)
+    log_probs = all_log_probs(model, v if prefix is None else prefix)
     values = torch.arange(K, dtype=v.dtype, device=v.device)
     log_window = F.logsigmoid((eps + 0.5 - (values - v.unsqueeze(-1)).abs()) / softness)
     weights = (log_probs.to(v.dtype) / temperature + log_window).softmax(-1)
@@ -191,8 +192,9 @@ def _preprocessor_classes():
             hard = self.defended(levels).to(x.device, x.dtype) / (K - 1)
             if not (torch.is_grad_enabled() and x.requires_grad):
                 return hard, y
-            soft = smooth_purify(self.model, x.to(self.model.dtype) * (K - 1), self.eps, self.temperature,
-                                 self.softness).to(x.dtype) / (K - 1)
+            v = x.to(self.model.dtype) * (K - 1)
+            prefix = hard.to(v.dtype) * (K - 1) + (v - v.detach())  # the purified image, moving with the input
+            soft = smooth_purify(self.model, v, self.eps, self.temperature, self.softness, prefix).to(x.dtype) / (K - 1)
             return hard + soft - soft.detach(), y
 
     return BPDAPurifier, SurrogatePurifier
@@ -210,7 +212,7 @@ def estimator(classifier: Classifier, preprocessor, loss: nn.Module | None = Non
 
 
 def preprocessor(defended: Defended, route: str = "identity", model: AutoregressiveModel | None = None,
-                 eps_def: int | None = None, temperature: float = 1.0, softness: float = 0.5):
+                 eps_def: int | None = None, temperature: float = TEMPERATURE, softness: float = SOFTNESS):
     """The ART preprocessing defence of ``route``: 'identity' (BPDA) or 'surrogate' (needs model, eps_def)."""
     if not temperature > 0 or not softness > 0:
         raise ValueError(f"temperature and softness must be > 0, got {temperature}, {softness}")
@@ -267,7 +269,7 @@ def pgd(
     route: str = "identity",
     model: AutoregressiveModel | None = None,
     eps_def: int | None = None,
-    temperature: float = 1.0,
+    temperature: float = TEMPERATURE,
     batch_size: int = 100,
     generator: torch.Generator | None = None,
     progress: bool = True,
@@ -327,7 +329,7 @@ def apgd(
     route: str = "identity",
     model: AutoregressiveModel | None = None,
     eps_def: int | None = None,
-    temperature: float = 1.0,
+    temperature: float = TEMPERATURE,
     seed: int = 0,
     progress: bool = True,
 ) -> AttackResult:

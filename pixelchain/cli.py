@@ -473,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-random-start", action="store_true", help="bpda: start from the image itself")
     p.add_argument("--route", choices=adaptive.ROUTES, default="identity",
                    help="gradient through the purifier: identity (BPDA) or the smooth surrogate")
-    p.add_argument("--temperature", type=float, default=1.0, help="the surrogate's softmax temperature")
+    p.add_argument("--temperature", type=float, default=adaptive.TEMPERATURE,
+                   help="the surrogate's softmax temperature")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_attack)
 
