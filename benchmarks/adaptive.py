@@ -63,7 +63,7 @@ def save_curves(curves: dict[str, list[tuple[int, float]]], path: Path, size: tu
 
     draw.line([px(0, lo / 100), px(top_step, lo / 100)], fill="black")
     draw.line([px(0, lo / 100), px(0, 1)], fill="black")
-    for t in np.linspace(0, top_step, 6):
+    for t in np.unique(np.linspace(0, top_step, 6).round()):
         x, y = px(t, lo / 100)
         draw.text((x - 8, y + 6), f"{t:.0f}", fill="black", font=font)
     for t in np.linspace(lo, 100, 6):
@@ -105,7 +105,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=300, help="test images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eps", type=int, default=8, help="attack radius, levels (0-255 units)")
-    parser.add_argument("--eps-defend", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--eps-defend", type=int, nargs="*", default=[16, 32],
+                        help="PixelDefend eps_def (none: adaptive PixelDefend only)")
     parser.add_argument("--steps", type=int, default=100, help="PGD steps per restart")
     parser.add_argument("--step-size", type=int, default=1, help="PGD step, levels")
     parser.add_argument("--restarts", type=int, default=2)
@@ -164,9 +165,9 @@ def against_pixeldefend(args, clf, model, x, y, eps_def: int, prefix: Path, titl
     attacks = []
     if not args.no_baselines:
         attacks += [
-            ("BPDA, 10 steps of 1, no random start", "bpda10", None, lambda: adaptive.pgd(
+            ("BPDA, 10 steps of 1, no random start", "bpda10", "BPDA-10", lambda: adaptive.pgd(
                 clf, defended, x, y, args.eps, steps=10, step_size=1, random_start=False, **common)),
-            ("BPDA, 40 steps of 2, random start", "bpda40", None, lambda: adaptive.pgd(
+            ("BPDA, 40 steps of 2, random start", "bpda40", "BPDA-40", lambda: adaptive.pgd(
                 clf, defended, x, y, args.eps, steps=40, step_size=2,
                 generator=torch.Generator().manual_seed(args.seed), **common))]
     for route in args.routes:
@@ -181,7 +182,7 @@ def against_pixeldefend(args, clf, model, x, y, eps_def: int, prefix: Path, titl
     apgd_steps = args.apgd_steps or args.steps
     for loss in args.apgd:
         attacks.append((f"APGD-{loss.upper()} (ART, identity), {apgd_steps} iterations, {args.restarts} random starts",
-                        f"apgd_{loss}_s{apgd_steps}_r{args.restarts}", f"APGD-{loss.upper()}", partial(
+                        f"apgd_{loss}_s{apgd_steps}_r{args.restarts}", f"APGD-{loss.upper()} (calls)", partial(
                             adaptive.apgd, clf, defended, x, y, args.eps, loss=loss, steps=apgd_steps,
                             restarts=args.restarts, seed=args.seed, progress=False)))
     rows, curves, robust = {}, {}, []
