@@ -85,33 +85,37 @@ class WorstCase:
 
 
 class Defended:
-    """A defence (int64 levels [n, C, H, W] -> int64 levels) cached by image content; each image it
-    sees for the first time is labelled by the classifier and reported to ``tracker``."""
+    """A defence (int64 levels [n, C, H, W] -> int64 levels) cached by image content, with the
+    classifier's label of each defended image; every image it is asked about, cached or not, is
+    reported to ``tracker`` (several attacks may share one cache, each with its own tracker)."""
 
     def __init__(self, defence: Callable[[Tensor], Tensor], classifier: Classifier,
                  tracker: WorstCase | None = None, max_cached: int = 4096) -> None:
         self.defence, self.classifier, self.tracker, self.max_cached = defence, classifier, tracker, max_cached
-        self.cache: dict[bytes, Tensor] = {}
+        self.cache: dict[bytes, tuple[Tensor, int]] = {}  # image bytes -> (defended image, its label)
         self.calls = 0  # defence calls that had new images
         self.images = 0  # images defended
 
     def __call__(self, x: Tensor) -> Tensor:
         x = x.long().cpu()
         keys = [row.numpy().tobytes() for row in x]
-        new = [i for i, k in enumerate(keys) if k not in self.cache]
+        new = sorted({i for i, k in enumerate(keys) if k not in self.cache})
         if new:
-            index = torch.tensor(sorted(set(new)))
+            index = torch.tensor(new)
             for key in list(self.cache)[: max(0, len(self.cache) + len(index) - self.max_cached)]:
                 del self.cache[key]  # the oldest first
             out = self.defence(x[index]).long().cpu()
-            for i, row in zip(index.tolist(), out, strict=True):
-                self.cache[keys[i]] = row
+            with torch.no_grad():
+                labels = self.classifier.predict(out.to(next(self.classifier.parameters()).device)).cpu()
+            for i, row, label in zip(index.tolist(), out, labels.tolist(), strict=True):
+                self.cache[keys[i]] = (row, label)
             self.calls, self.images = self.calls + 1, self.images + len(index)
-            if self.tracker is not None:
-                with torch.no_grad():
-                    device = next(self.classifier.parameters()).device
-                    self.tracker.observe(x[index], self.classifier.predict(out.to(device)))
-        return torch.stack([self.cache[k] for k in keys]) if keys else x.clone()
+        if not keys:
+            return x.clone()
+        hits = [self.cache[k] for k in keys]
+        if self.tracker is not None:
+            self.tracker.observe(x, torch.tensor([label for _, label in hits]))
+        return torch.stack([row for row, _ in hits])
 
 
 # ----------------------------------------------------------------- a smooth purifier

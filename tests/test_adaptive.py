@@ -161,6 +161,14 @@ def test_defended_caches_by_content_and_reports_new_images_once(setup):
     defended(x[12:16])
     defended(x[12:16])  # still cached, although 16 > max_cached - 4 left the oldest
     assert sum(len(s) for s in recording.seen) == 16 and len(defended.cache) <= 20
+    # a new tracker (the next attack sharing the cache) hears of cached images too
+    assert (clf.predict(defend.purify(model, x, EPS_DEF, progress=False)) == y).all()
+    flipped = y.clone()
+    flipped[12:14] = 1 - flipped[12:14]  # labels these two images' defended versions miss
+    defended.tracker = adaptive.WorstCase(x, flipped, EPS)
+    defended(x[12:16])
+    assert sum(len(s) for s in recording.seen) == 16
+    assert defended.tracker.robust.tolist() == [True] * 12 + [False, False, True, True]
 
 
 def test_bpd_limit_is_the_detectors_edge():
