@@ -81,9 +81,10 @@ def save_curves(curves: dict[str, list[tuple[int, float]]], path: Path, size: tu
 
 def cached_attack(path: Path, run) -> dict:
     """``run()`` (an AttackResult) summarised and saved as path (.json + .npz), or read back."""
-    if path.with_suffix(".json").is_file():
-        summary = json.loads(path.with_suffix(".json").read_text())
-        arrays = np.load(path.with_suffix(".npz"))
+    json_path, npz_path = path.parent / f"{path.name}.json", path.parent / f"{path.name}.npz"  # names hold dots
+    if json_path.is_file():
+        summary = json.loads(json_path.read_text())
+        arrays = np.load(npz_path)
         return {**summary, **{k: torch.from_numpy(arrays[k]) for k in arrays.files}}
     start = time.perf_counter()
     result = run()
@@ -92,8 +93,8 @@ def cached_attack(path: Path, run) -> dict:
     arrays = {"robust": result.robust.numpy(), "x_adv": result.x_adv.numpy().astype(np.uint8),
               "last": result.last.numpy().astype(np.uint8)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path.with_suffix(".npz"), **arrays)
-    path.with_suffix(".json").write_text(json.dumps(summary))
+    np.savez(npz_path, **arrays)
+    json_path.write_text(json.dumps(summary))
     return {**summary, **{k: torch.from_numpy(v) for k, v in arrays.items()}}
 
 
