@@ -7,6 +7,7 @@ decompress | list``.
     pixelchain sample runs/gated -n 64
     pixelchain complete runs/gated
     pixelchain attack fmnist_resnet fashion_mnist:test[:1000] --method bim --eps 8 --out adv/
+    pixelchain attack fmnist_resnet fashion_mnist:test[:100] --method bpda --purifier fmnist_pixelcnn_pp --eps-def 32
     pixelchain detect fmnist_pixelcnn_pp adv/adversarial.npy --score bpd --out detect/
     pixelchain purify fmnist_pixelcnn_pp adv/adversarial.npy --eps 16 --classifier fmnist_resnet --labels adv/labels.npy
     pixelchain compress fmnist_pixelcnn_pp fashion_mnist:test[:1000] --out test.pxc
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import attacks, checkpoint, codec, data, defend, masks, ood, plots, runtime, score
+from . import adaptive, attacks, checkpoint, codec, data, defend, masks, ood, plots, runtime, score
 from .classifiers import Classifier, list_classifiers
 from .io import count_images, dataset_split, read_images, read_integers, read_labels  # noqa: F401 - importable from here too
 from .models import describe, list_models
@@ -421,6 +422,8 @@ def cmd_attack(args) -> None:
     classifier = load_classifier(args.classifier, runtime.pick_device(args.device))
     x = read_images(args.images, classifier.image_shape[0], classifier.num_levels)
     y = read_labels(args.images, args.labels, len(x))
+    if args.method in adaptive.METHODS:
+        return adaptive_attack(args, classifier, x, y)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -433,6 +436,42 @@ def cmd_attack(args) -> None:
     print(f"{args.method} (eps {args.eps}) on {len(x)} images in {elapsed:.1f} s: accuracy "
           f"{defend.accuracy(classifier, x, y):.2%} -> {defend.accuracy(classifier, x_adv, y):.2%} "
           f"-> {out / 'adversarial.npy'}, {out / 'labels.npy'}, {out / 'before_after.png'}")
+
+
+def adaptive_attack(args, classifier: Classifier, x: torch.Tensor, y: torch.Tensor) -> None:
+    """--method bpda / apgd-ce / apgd-dlr: the attack on classifier(purify(x)) (pixelchain.adaptive)."""
+    if not args.purifier:
+        raise ValueError(f"--method {args.method} attacks through PixelDefend: pass --purifier (a density model)")
+    if args.steps < 1 or args.restarts < 1 or args.step_size < 1:
+        raise ValueError("--steps, --restarts and --step-size must be >= 1")
+    model = density_model(args.purifier, runtime.pick_device(args.device))
+    defend.check_pair(classifier, model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    defended = adaptive.Defended(lambda v: defend.purify(model, v, args.eps_def, batch_size=args.batch_size,
+                                                         progress=False), classifier)
+    start = time.perf_counter()
+    if args.method == "bpda":
+        result = adaptive.pgd(classifier, defended, x, y, args.eps, steps=args.steps, step_size=args.step_size,
+                              restarts=args.restarts, random_start=not args.no_random_start, route=args.route,
+                              model=model, eps_def=args.eps_def, temperature=args.temperature,
+                              batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed))
+    else:
+        result = adaptive.apgd(classifier, defended, x, y, args.eps, loss=args.method.split("-")[1], steps=args.steps,
+                               restarts=args.restarts, route=args.route, model=model, eps_def=args.eps_def,
+                               temperature=args.temperature, seed=args.seed)
+    elapsed = time.perf_counter() - start
+    save_levels(out / "adversarial.npy", result.x_adv, classifier.num_levels)
+    np.save(out / "labels.npy", y.numpy())
+    np.save(out / "robust.npy", result.robust.numpy())
+    (out / "curve.csv").write_text("step,robust_accuracy\n" + "".join(f"{s},{a:.6f}\n" for s, a in result.curve))
+    plots.save_before_after(x[: args.grid], result.x_adv[: args.grid], classifier.num_levels,
+                            out / "before_after.png")
+    print(f"{args.method} ({args.route} gradient; eps {args.eps}, eps_def {args.eps_def}, {args.steps} steps of "
+          f"{args.step_size}, {args.restarts} restarts) on {len(x)} images in {elapsed:.1f} s: accuracy after "
+          f"purification {result.curve[0][1]:.2%} clean, {result.accuracy:.2%} robust (worst case over iterates and "
+          f"restarts; {result.purified} images purified) -> {out / 'adversarial.npy'}, {out / 'robust.npy'}, "
+          f"{out / 'curve.csv'}")
 
 
 def cmd_purify(args) -> None:
@@ -646,12 +685,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("classifier", help="classifier: run directory or shipped checkpoint name (e.g. fmnist_resnet)")
     p.add_argument("images", help=images_help)
     p.add_argument("--labels", help="true labels, a .npy of integers [N] (default: the dataset split's)")
-    p.add_argument("--method", choices=attacks.ATTACKS, default="fgsm")
+    p.add_argument("--method", choices=attacks.ATTACKS + adaptive.METHODS, default="fgsm",
+                   help="bpda, apgd-ce, apgd-dlr: adaptive attacks through PixelDefend (need --purifier)")
     p.add_argument("--eps", type=nonnegative, default=8, help="L-inf radius in levels (0-255 units for 256 levels)")
-    p.add_argument("--out", default="adversarial", help="folder for adversarial.npy, labels.npy, before_after.png")
+    p.add_argument("--out", default="adversarial", help="folder for adversarial.npy, labels.npy, before_after.png "
+                   "(adaptive methods: also robust.npy, curve.csv)")
     p.add_argument("--batch-size", type=positive, default=128)
     p.add_argument("--grid", type=positive, default=16, help="images in the before/after figure")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random-noise attack")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random noise and random starts")
+    p.add_argument("--purifier", help="adaptive methods: PixelDefend's density model (e.g. fmnist_pixelcnn_pp)")
+    p.add_argument("--eps-def", type=nonnegative, default=32, help="adaptive methods: PixelDefend's eps, levels")
+    p.add_argument("--steps", type=positive, default=100, help="adaptive methods: steps (iterations) per restart")
+    p.add_argument("--restarts", type=positive, default=1, help="adaptive methods: random starts")
+    p.add_argument("--step-size", type=positive, default=1, help="bpda: step in levels")
+    p.add_argument("--no-random-start", action="store_true", help="bpda: start from the image itself")
+    p.add_argument("--route", choices=adaptive.ROUTES, default="identity",
+                   help="gradient through the purifier: identity (BPDA) or the smooth surrogate")
+    p.add_argument("--temperature", type=ranged(float, 1e-6, what="a number > 0"), default=adaptive.TEMPERATURE,
+                   help="the surrogate's softmax temperature")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_attack)
 

@@ -113,6 +113,11 @@ def cases(root):
         ["attack", c, str(root / "crafted.npy"), "--labels", y, "--out", out],
         ["attack", c, str(root / "bomb"), "--labels", y, "--out", out],
         ["attack", m, x, "--labels", y, "--out", out],
+        ["attack", c, x, "--labels", y, "--method", "bpda", "--out", out],  # no --purifier
+        ["attack", c, x, "--labels", y, "--method", "bpda", "--purifier", m, "--steps", "0", "--out", out],
+        ["attack", c, x, "--labels", y, "--method", "bpda", "--purifier", m, "--restarts", "0", "--out", out],
+        ["attack", c, x, "--labels", y, "--method", "bpda", "--purifier", m, "--eps-def", "-1", "--out", out],
+        ["attack", c, x, "--labels", y, "--method", "bpda", "--purifier", m, "--temperature", "0", "--out", out],
         # detect
         ["detect", m, x, "--batch-size", "0", "--out", out],
         ["detect", m, x, "--batch-size", "-5", "--out", out],
