@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import imagecodecs
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -144,6 +143,10 @@ def codec_bits_per_dim(x: Tensor, num_levels: int, codec: str = "png") -> Tensor
         raise ValueError(f"unknown codec {codec!r}; choose from {', '.join(CODECS)}")
     if num_levels > 256 or x.dim() != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"codecs take 1 or 3 channels of at most 256 levels, got {tuple(x.shape)} with {num_levels}")
+    try:
+        import imagecodecs
+    except ImportError:
+        raise ImportError("the complexity score needs imagecodecs: pip install imagecodecs") from None
     encode = (lambda a: imagecodecs.png_encode(a, level=9)) if codec == "png" else (
         lambda a: imagecodecs.jpegxl_encode(a, lossless=True, effort=7))
     arrays = x.permute(0, 2, 3, 1).to(torch.uint8).numpy()  # [N, H, W, C]
