@@ -26,6 +26,8 @@ from pixelchain.run_dir import RunDir, result_record
 PRESETS = {  # name -> (classifier, hyperparameters, training settings)
     "resnet": ("resnet", {}, {"batch_size": 128, "lr": 2e-3, "lr_decay": 0.85}),
     "vgg": ("vgg", {}, {"batch_size": 128, "lr": 1e-3, "lr_decay": 0.85}),
+    # twice the widths (4x the arithmetic): the 4/8/16 network plateaued near 91.4% on validation
+    "resnet_w8": ("resnet", {"widths": (8, 16, 32)}, {"batch_size": 128, "lr": 2e-3, "lr_decay": 0.8}),
 }
 DATASET = "fashion_mnist"
 
