@@ -10,7 +10,9 @@ import torch
 
 import pixelchain as pc
 from pixelchain import codec
+from pixelchain.checkpoint import PRETRAINED_DIR
 from pixelchain.cli import main
+from pixelchain.run_dir import RunDir
 from tests.test_properties import TINY
 
 pytest.importorskip("constriction")
@@ -69,10 +71,15 @@ def test_chunk_sizes_and_threads(name):
         torch.set_num_threads(previous)
 
 
+def shipped_check_images(name: str) -> torch.Tensor:
+    """The test images a shipped checkpoint carries (no dataset needed)."""
+    return RunDir(PRETRAINED_DIR / name).read_check()[0]
+
+
 def test_payload_is_close_to_minus_log2_p():
     """On a shipped model: the coded streams within 1% of sum -log2 p(x), plus a few words per chunk."""
     model = pc.load("bmnist_nade")
-    x = pc.data.load("binarized_mnist", "test").images[:40]
+    x = shipped_check_images("bmnist_nade")[:40]
     data = pc.compress("bmnist_nade", x, batch_size=20)
     payload, _ = codec.payload_bits(data)
     ideal = codec.ideal_bits(model, x)
@@ -81,7 +88,7 @@ def test_payload_is_close_to_minus_log2_p():
 
 
 def test_shipped_model_256_levels_round_trip():
-    x = pc.data.load("fashion_mnist", "test").images[:2]
+    x = shipped_check_images("fmnist_pixelcnn_pp")[:2]
     data = pc.compress(pc.load("fmnist_pixelcnn_pp"), x)  # a loaded module is recognised as the shipped one
     assert codec.read_header(data)[0]["model"]["shipped"] == "fmnist_pixelcnn_pp"
     assert torch.equal(pc.decompress(data), x)
@@ -203,7 +210,7 @@ def run_cli(argv, capsys):
 
 
 def test_cli_round_trip_and_errors(tmp_path, capsys):
-    x = pc.data.load("binarized_mnist", "test").images[:6]
+    x = shipped_check_images("bmnist_nade")[:6]
     np.save(tmp_path / "x.npy", x.numpy().astype(np.uint8))
     main(["compress", "bmnist_nade", str(tmp_path / "x.npy"), "--out", str(tmp_path / "x.pxc"), "--batch-size", "4"])
     main(["decompress", str(tmp_path / "x.pxc"), "--out", str(tmp_path / "out"), "--png"])
