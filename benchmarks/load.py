@@ -55,6 +55,7 @@ def busy_core(core: int = 1) -> Iterator[None]:
     finally:
         loop.kill()
         loop.wait()
+        time.sleep(1.5)  # the policy's next look sees the core free again
 
 
 def task(kind: str, name: str, hparams: dict, batch: int) -> Callable[[], object]:
