@@ -599,8 +599,15 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixelchain", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    # options every command shares, and those of the commands that run a model
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bars (in a log that is not a terminal "
+                        "they update at most once every 30 s)")
+    on_device = argparse.ArgumentParser(add_help=False, parents=[common])
+    on_device.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto (the default)")
 
-    p = sub.add_parser("train", help="train a model by maximum likelihood, then report the test NLL")
+    p = sub.add_parser("train", parents=[on_device],
+                       help="train a model by maximum likelihood, then report the test NLL")
     p.add_argument("model", choices=list_models() + list_classifiers())
     p.add_argument("--dataset", help=f"a built-in dataset ({', '.join(data.list_datasets())}; default: digits, "
                    "resuming: the run's), or your own images: a folder of them, an image file, a .npy/.npz of levels "
@@ -612,7 +619,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="default: runs/MODEL_DATASET")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a model hyperparameter")
     add_option_flags(p)
-    p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir (options not given are the run's)")
     p.add_argument("--overwrite", action="store_true", help="replace a model or run already in --run-dir")
@@ -621,7 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     images_help = ("NAME:SPLIT[A:B] (e.g. fashion_mnist:test[:1000]), a .npy of integers [N,C,H,W] or [N,H,W], "
                    "or a PNG folder")
-    p = sub.add_parser("eval", help="NLL of a trained model on a split, or of one's own IMAGES (per image)")
+    p = sub.add_parser("eval", parents=[on_device],
+                       help="NLL of a trained model on a split, or of one's own IMAGES (per image)")
     p.add_argument("run", help="run directory or shipped checkpoint name")
     p.add_argument("images", nargs="?", help=f"images to score, per image: {images_help}")
     p.add_argument("--split", default="test", help="without IMAGES: the split of the run's dataset (default: test)")
@@ -635,13 +642,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", help="PNG: each of the first --grid images beside its per-pixel bits (-log2 p)")
     p.add_argument("--grid", type=positive, default=16, help="images in --heatmap")
     p.add_argument("--batch-size", type=positive, default=256)
-    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
     seed_help = ("seed of the draws (default: 0); image i depends on the seed and i only, not on -n, "
                  "--batch-size or the device")
     temperature_help = "divides the logits (default: 1); 0: the most likely value at each step (greedy)"
-    p = sub.add_parser("sample", help="draw samples into a PNG grid, or arrays (.npy / .npz)")
+    p = sub.add_parser("sample", parents=[on_device],
+                       help="draw samples into a PNG grid, or arrays (.npy / .npz)")
     p.add_argument("run")
     p.add_argument("-n", type=positive, default=64, help="number of samples (default: 64)")
     p.add_argument("--batch-size", type=positive, default=DECODE_BATCH, help=f"images decoded at once "
@@ -652,10 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--naive", action="store_true", help="reference decoder: a full forward pass per step")
     p.add_argument("--out", help="a PNG grid, or .npy (levels [N, C, H, W]) / .npz (images, labels); default: "
                    "RUN_samples.png here, numbered rather than overwritten")
-    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("complete", help="complete images with a region missing (--mask): test images or IMAGES")
+    p = sub.add_parser("complete", parents=[on_device],
+                       help="complete images with a region missing (--mask): test images or IMAGES")
     p.add_argument("run")
     p.add_argument("images", nargs="?", help=f"images to complete (default: -n of the run's test split): "
                    f"{images_help}")
@@ -678,10 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=positive, default=16, help="images in the PNG (default: 16)")
     p.add_argument("--out", help="a PNG (original | occluded | completions), or .npy (completions [N*S, C, H, W], "
                    "image i's S in rows i*S...) / .npz (also observed, labels); default: RUN_completions.png here")
-    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_complete)
 
-    p = sub.add_parser("attack", help="adversarial examples for a classifier (ART; pip install -e '.[defend]')")
+    p = sub.add_parser("attack", parents=[on_device],
+                       help="adversarial examples for a classifier (ART; pip install -e '.[defend]')")
     p.add_argument("classifier", help="classifier: run directory or shipped checkpoint name (e.g. fmnist_resnet)")
     p.add_argument("images", help=images_help)
     p.add_argument("--labels", help="true labels, a .npy of integers [N] (default: the dataset split's)")
@@ -703,10 +710,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient through the purifier: identity (BPDA) or the smooth surrogate")
     p.add_argument("--temperature", type=ranged(float, 1e-6, what="a number > 0"), default=adaptive.TEMPERATURE,
                    help="the surrogate's softmax temperature")
-    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_attack)
 
-    p = sub.add_parser("detect", help="out-of-distribution / adversarial detection: scores and p-values under a "
+    p = sub.add_parser("detect", parents=[on_device],
+                       help="out-of-distribution / adversarial detection: scores and p-values under a "
                        "density model")
     p.add_argument("run", help="density model: run directory or shipped checkpoint name")
     p.add_argument("images", help=images_help)
@@ -721,10 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=probability, default=0.05, help="report the share of images with p <= alpha")
     p.add_argument("--show", type=nonnegative, default=10, help="print the first this many p-values")
     p.add_argument("--batch-size", type=positive, default=256)
-    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("purify", help="PixelDefend purification: each pixel the most likely value within eps")
+    p = sub.add_parser("purify", parents=[on_device],
+                       help="PixelDefend purification: each pixel the most likely value within eps")
     p.add_argument("run", help="density model: run directory or shipped checkpoint name")
     p.add_argument("images", help=images_help)
     p.add_argument("--eps", type=nonnegative, default=16, help="window radius in levels (0-255 units for 256 levels)")
@@ -739,10 +746,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", help="also report this classifier's accuracy before and after purification")
     p.add_argument("--labels", help="true labels for --classifier, a .npy of integers [N] (default: the dataset "
                    "split's)")
-    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_purify)
 
-    p = sub.add_parser("compress", help="lossless compression of images with a density model (pip install "
+    p = sub.add_parser("compress", parents=[common],
+                       help="lossless compression of images with a density model (pip install "
                        "'pixelchain[compress]')")
     p.add_argument("run", help="density model: run directory or shipped checkpoint name")
     p.add_argument("images", help=images_help)
@@ -752,7 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("decompress", help="restore the images of a compressed file: DIR/images.npy (levels)")
+    p = sub.add_parser("decompress", parents=[common],
+                       help="restore the images of a compressed file: DIR/images.npy (levels)")
     p.add_argument("file", help="a file written by pixelchain compress")
     p.add_argument("--out", required=True, help="folder for images.npy (and the PNGs with --png)")
     p.add_argument("--model", help="the model it was compressed with, when not a shipped checkpoint")
@@ -760,13 +768,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite DIR/images.npy if it exists")
     p.set_defaults(func=cmd_decompress)
 
-    p = sub.add_parser("list", help="registered models, datasets and shipped checkpoints (with their scores); "
+    p = sub.add_parser("list", parents=[common],
+                       help="registered models, datasets and shipped checkpoints (with their scores); "
                        "list MODEL: its hyperparameters and defaults")
     p.add_argument("model", nargs="?", help="a model: its hyperparameters and their defaults")
     p.set_defaults(func=cmd_list)
-    for p in sub.choices.values():
-        p.add_argument("--quiet", action="store_true", help="no progress bars (in a log that is not a terminal "
-                       "they update at most once every 30 s)")
     return parser
 
 
