@@ -27,7 +27,7 @@ from pixelchain import checkpoint, codec
 from pixelchain.cli import read_images
 
 MODELS = {"binarized_mnist": "bmnist_gated_pixelcnn", "mnist": None, "fashion_mnist": "fmnist_pixelcnn_pp"}
-TARGETS = {"binarized_mnist": 0.16, "mnist": 1.05, "fashion_mnist": 2.9}  # issue 21: bits/pixel, whole set
+TARGETS = {"binarized_mnist": 0.16, "mnist": 1.05, "fashion_mnist": 2.9}  # bits/pixel, whole set
 
 
 def codecs():
@@ -171,7 +171,7 @@ def main() -> None:
         "their throughput is per image, one thread. Ours: one intra-op thread.\n\n"
         "| data | codec | per image | whole set | vs the best codec | compress (images/s) | "
         "decompress (images/s) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows)
-        + ("\n\nTargets (issue 21):\n\n" + "\n".join(verdicts) if verdicts else "")
+        + ("\n\nTargets:\n\n" + "\n".join(verdicts) if verdicts else "")
     )
     if args.round_trip:
         trips = round_trips(args.round_trip)

@@ -1,4 +1,4 @@
-"""Out-of-distribution detection benchmark (issue 23): AUROC, AUPR and FPR at 95% TPR of every score.
+"""Out-of-distribution detection benchmark: AUROC, AUPR and FPR at 95% TPR of every score.
 
     python -m benchmarks.ood --cache /tmp/ood_cache            # Fashion-MNIST and binarized MNIST
     python -m benchmarks.ood --cache /tmp/ood_cache --no-write # print only

@@ -26,7 +26,7 @@ from benchmarks.common import RECORDS, keep_record, write_section
 # Transformer is pytorch-generative's ImageGPT on a *dynamically* binarised test set.
 PUBLISHED = {"fvsbn": 97.45, "nade": 88.33, "made": 88.40, "made_8000": 88.40, "made_32_masks": 86.64,
              "pixelcnn": 81.30, "row_lstm": 80.54, "diagonal_bilstm": 79.20, "transformer": 79.17}
-# No static-bMNIST figure is published for these; the aim (issue 14) is PixelCNN's.
+# No static-bMNIST figure is published for these; the aim is PixelCNN's.
 AIMS = {"gated_pixelcnn": 81.30, "pixelcnn_pp": 81.30}
 
 

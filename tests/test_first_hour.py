@@ -1,4 +1,4 @@
-"""What a researcher naturally tries in the first hour works (issue 25): dead weights, scoring
+"""What a researcher naturally tries in the first hour works: dead weights, scoring
 one's own images, completion masks, eval mode on load, arrays out of the CLI, sampling controls,
 discoverability, Python ergonomics and logs."""
 

@@ -1,4 +1,4 @@
-"""What a new user tried and got garbage, a corrupted run or a traceback for (issue 12): each of
+"""What a new user tried and got garbage, a corrupted run or a traceback: each of
 these failed before and is a clear result or a clear error now."""
 
 import errno
