@@ -92,13 +92,13 @@ def command(job: Job, runs: Path, seconds: float, amp: bool) -> list[str]:
     if job.preset:
         start = "--resume" if (run_dir / STATE).is_file() else "--from-shipped"
         return [sys.executable, "-m", "benchmarks.train_bmnist", job.preset, "--runs-dir", str(runs),
-                "--max-time", str(seconds), start, *(["--amp"] if amp else [])]
+                "--max-time", str(seconds), start, "--amp" if amp else "--no-amp"]
     if not (run_dir / STATE).is_file():
         seed_from_shipped(job, run_dir)
     config = RunDir(run_dir).read_config()
     return [sys.executable, "-m", "pixelchain.cli", "train", config["model"], "--dataset", config["dataset"]["name"],
             "--resume", "--run-dir", str(run_dir), "--max-time", str(seconds), "--no-figures",
-            *(["--amp"] if amp else [])]
+            "--amp" if amp else "--no-amp"]
 
 
 def keep(job: Job, runs: Path) -> tuple[float | None, bool]:

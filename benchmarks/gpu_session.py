@@ -80,7 +80,7 @@ def launch(presets: list[str], runs: Path, device: str, seconds: float, compile:
             continue
         command = [sys.executable, "-m", "benchmarks.train_bmnist", preset, "--runs-dir", str(runs), "--device",
                    device, "--max-time", str(seconds), "--no-figures", *option, *GPU_PRESETS.get(preset, [])]
-        command += ["--amp"] if device.startswith("cuda") else []
+        command += ["--amp"] if device.startswith("cuda") else ["--no-amp"]
         command += ["--compile"] if compile and preset in COMPILED else []
         command += ["--limit", str(limit)] if limit else []
         log = runs / f"{preset}.log"

@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=1000)
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="bfloat16 autocast where the hardware runs it natively (the library's default)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (pc.fit(compile=True))")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--from-shipped", action="store_true",

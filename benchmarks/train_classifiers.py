@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--max-time", type=float, default=720.0, help="seconds per run in this call")
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA, or a CPU with native bf16)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="bfloat16 autocast where the hardware runs it natively (the library's default)")
     parser.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md alone")
     parser.add_argument("--table-only", action="store_true", help="train nothing: rewrite the table from the records")
     args = parser.parse_args()

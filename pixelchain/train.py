@@ -93,7 +93,8 @@ class TrainOptions:
     eval_batch_size: int = _option(256, "count", "images per evaluation batch")
     seed: int = _option(0, "index", "seed of the data order (and of the CLI's initial weights)")
     compile: bool = _option(False, "flag", "train through torch.compile")
-    amp: bool = _option(False, "flag", "bfloat16 autocast (CUDA, or a CPU with native bf16)")
+    amp: bool = _option(True, "flag", "bfloat16 autocast where the hardware runs it natively (CUDA, CPUs with "
+                                      "AVX512-BF16 or AMX); likelihoods are reported in fp32")
 
     def validate(self) -> None:
         """ValueError naming the first option that is out of range or of the wrong type."""
@@ -109,6 +110,8 @@ class TrainOptions:
         budgets of one call (``max_steps``, ``max_time``): what a resumed run keeps by default."""
         names = {f.name for f in fields(cls)} - {"max_steps", "max_time"}
         options = {k: v for k, v in train.items() if k in names}
+        if train and "amp" not in train:  # recorded before bf16 became the default: it trained in fp32
+            options["amp"] = False
         if "batch_size" in options:
             options["batch_size"] //= train.get("processes", 1)
         return options

@@ -131,3 +131,12 @@ def test_amp_trains_in_bf16_only_where_supported_and_reports_fp32(monkeypatch):
     pc.fit(model, data, None, epochs=1, batch_size=4, amp=True)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert model.log_prob(images).dtype == torch.float32
+
+
+def test_bf16_is_the_default_and_runs_recorded_before_it_resume_in_fp32():
+    from pixelchain.train import TrainOptions
+
+    assert TrainOptions().amp
+    assert TrainOptions.recorded({"lr": 1e-3, "batch_size": 64})["amp"] is False  # recorded before amp existed
+    assert TrainOptions.recorded({"lr": 1e-3, "amp": True})["amp"] is True
+    assert "amp" not in TrainOptions.recorded({})
