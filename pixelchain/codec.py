@@ -56,6 +56,7 @@ from . import checkpoint
 from .decode import DimensionViews, decode
 from .models.base import is_integer
 from .runtime import intra_op_threads
+from .score import eval_mode
 
 MAGIC = b"PIXCHAIN"
 VERSION = 1
@@ -159,7 +160,7 @@ def resolve_model(model: nn.Module | str | Path) -> tuple[nn.Module, str | None]
 def _code_chunk(model: nn.Module, policy, count: int) -> Tensor:
     """Run the decoding loop on ``count`` images from an all-zero canvas, one thread, eval mode."""
     canvas = torch.zeros(count, *model.image_shape, dtype=torch.long)
-    with intra_op_threads(1), model._eval_mode():
+    with intra_op_threads(1), eval_mode(model):
         return decode(model, canvas, policy)
 
 
@@ -295,6 +296,6 @@ def payload_bits(data: bytes) -> tuple[int, int]:
 
 def ideal_bits(model: nn.Module, x: Tensor, batch_size: int = DEFAULT_CHUNK) -> float:
     """sum of -log2 p(x) over the images (teacher-forced): what the payload approaches."""
-    with model._eval_mode(), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         nats = sum(float(model.log_prob(x[i : i + batch_size]).double().sum()) for i in range(0, len(x), batch_size))
     return -nats / math.log(2)

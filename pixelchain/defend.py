@@ -15,13 +15,16 @@ images) unchanged. Attacks live in pixelchain.attacks.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from scipy.stats import rankdata
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from . import score
 from .models.base import AutoregressiveModel, check_eps
 from .ood import p_values  # noqa: F401  (defend.p_values: PixelDefend's detector)
+from .score import check_density
 
 
 def check_pair(classifier: nn.Module, model: AutoregressiveModel) -> None:
@@ -33,24 +36,10 @@ def check_pair(classifier: nn.Module, model: AutoregressiveModel) -> None:
         )
 
 
-def _check_density(model: nn.Module) -> None:
-    if getattr(model, "kind", None) != "density":
-        raise ValueError(f"{getattr(model, 'name', type(model).__name__)!r} is not a density model")
-
-
-@torch.no_grad()
 def bits_per_dim(model: AutoregressiveModel, x: Tensor, batch_size: int = 256, progress: bool = True) -> Tensor:
     """-log2 p(x) / D of each image under ``model``: x int64 [N, C, H, W] -> float64 [N] (on the CPU)."""
-    _check_density(model)
-    x = model.check_input(x)[0]
-    was_training = model.training
-    model.eval()
-    try:
-        out = [model.bits_per_dim(xb.to(model.device)).double().cpu()
-               for xb in tqdm(x.split(batch_size), desc="bits/dim", unit="batch", disable=not progress)]
-    finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+    x = check_density(model).check_input(x)[0]
+    return -score.log_prob(model, x, batch_size=batch_size, progress=progress) / (model.num_dims * math.log(2))
 
 
 def auroc(clean: Tensor, attacked: Tensor) -> float:
@@ -90,7 +79,7 @@ def purify(
     """PixelDefend purification of x int64 [N, C, H, W] within ``eps`` levels: int64 [N, C, H, W] on x's
     device. Batches of ``batch_size`` images run the decoding loop with the model's cached decoder
     (``naive=True``: the reference decoder, a full forward pass per dimension)."""
-    _check_density(model)
+    check_density(model)
     x = model.check_input(x)[0]
     return model.purify(x.to(model.device), eps, naive=naive, progress=progress, batch_size=batch_size).to(x.device)
 

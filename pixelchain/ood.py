@@ -38,11 +38,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import Tensor
 
+from . import score
 from .data import ImageDataset
 from .models.base import AutoregressiveModel
+from .score import check_density
 
 SCORES = ("bpd", "typicality", "ratio", "complexity", "orientation", "local", "combined")
 COMBINED = ("complexity", "orientation")  # chosen on validation images (benchmarks/ood.py, BENCHMARKS.md)
@@ -115,25 +116,11 @@ class PerturbedDataset(ImageDataset):
         return perturb(self.images[index], self.mu, self.num_levels, generator or self._generator)
 
 
-def _check_density(model: nn.Module, what: str = "model") -> AutoregressiveModel:
-    if getattr(model, "kind", None) != "density":
-        raise ValueError(f"the {what} {getattr(model, 'name', type(model).__name__)!r} is not a density model")
-    return model
-
-
-@torch.no_grad()
 def nll_map(model: AutoregressiveModel, x: Tensor, batch_size: int = 256, progress: bool = False) -> Tensor:
     """-log2 p(x_d | x_<d) of every dimension: x int64 [N, C, H, W] -> float32 [N, C, H, W] on the CPU
     (its mean over C, H, W is the image's bits/dim)."""
-    x = _check_density(model).check_input(x)[0]
-    was_training = model.training
-    model.eval()
-    try:
-        out = [(-model.log_prob_map(xb.to(model.device)) / math.log(2)).float().cpu()
-               for xb in tqdm(x.split(batch_size), desc="log p", unit="batch", disable=not progress)]
-    finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, *x.shape[1:])
+    x = check_density(model).check_input(x)[0]
+    return (-score.log_prob_map(model, x, batch_size=batch_size, progress=progress) / math.log(2)).float()
 
 
 def codec_bits_per_dim(x: Tensor, num_levels: int, codec: str = "png") -> Tensor:
@@ -180,9 +167,9 @@ def features(model: AutoregressiveModel, x: Tensor, *, background: Autoregressiv
              codec: str | None = None, flipped: bool = False, batch_size: int = 256,
              progress: bool = False) -> Features:
     """The features of images x int64 [N, C, H, W] that the scores use."""
-    x = _check_density(model).check_input(x)[0]
+    x = check_density(model).check_input(x)[0]
     if background is not None:
-        _check_density(background, "background model")
+        check_density(background, "background model")
         if tuple(background.image_shape) != tuple(model.image_shape) or background.num_levels != model.num_levels:
             raise ValueError(f"the background model takes {tuple(background.image_shape)} images with "
                              f"{background.num_levels} levels, the model {tuple(model.image_shape)} with "
@@ -212,7 +199,7 @@ class Detector:
             raise ValueError(f"unknown codec {codec!r}; choose from {', '.join(CODECS)}")
         if combine is not None and not set(combine) <= set(SCORES) - {"combined"}:
             raise ValueError(f"combine takes scores from {', '.join(SCORES[:-1])}, got {combine}")
-        self.model, self.score_name, self.background, self.codec = _check_density(model), score, background, codec
+        self.model, self.score_name, self.background, self.codec = check_density(model), score, background, codec
         self._combine = combine
         self.batch_size, self.progress = batch_size, progress
         needs = {score} | (set(self.components) if score == "combined" else set())

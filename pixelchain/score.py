@@ -52,6 +52,13 @@ def to_model_levels(x: Tensor, from_levels: int, model_levels: int, num_levels: 
     return mapped.images
 
 
+def check_density(model: nn.Module, what: str = "model") -> nn.Module:
+    """``model`` when it is a density model, else ValueError naming it (``what``: how to call it)."""
+    if getattr(model, "kind", None) != "density":
+        raise ValueError(f"the {what} {getattr(model, 'name', type(model).__name__)!r} is not a density model")
+    return model
+
+
 @contextmanager
 def eval_mode(model: nn.Module):
     """The model in ``eval()`` mode for the block, its mode restored afterwards."""
@@ -77,10 +84,16 @@ def log_prob(model: nn.Module, x: Tensor, labels: Tensor | None = None, batch_si
 
 
 @torch.no_grad()
-def log_prob_map(model: nn.Module, x: Tensor, labels: Tensor | None = None) -> Tensor:
-    """log p(x_d | x_<d) per dimension in nats, in ``eval()`` mode, no graph: [N, C, H, W] (CPU)."""
+def log_prob_map(model: nn.Module, x: Tensor, labels: Tensor | None = None, batch_size: int = 256,
+                 progress: bool = False) -> Tensor:
+    """log p(x_d | x_<d) per dimension in nats, ``batch_size`` images at a time, in ``eval()`` mode,
+    no graph: [N, C, H, W] -> float32 [N, C, H, W] (CPU)."""
     with eval_mode(model):
-        return model.log_prob_map(x.to(model.device), None if labels is None else labels.to(model.device)).cpu()
+        xs = x.split(batch_size)
+        parts = zip(xs, [None] * len(xs) if labels is None else labels.split(batch_size), strict=True)
+        out = [model.log_prob_map(xb.to(model.device), None if lb is None else lb.to(model.device)).cpu()
+               for xb, lb in tqdm(list(parts), desc="log p", disable=not progress, leave=False)]
+    return torch.cat(out) if out else torch.zeros(0, *x.shape[1:])
 
 
 def write_csv(path: Path, log_probs: Tensor, num_dims: int) -> None:

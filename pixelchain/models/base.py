@@ -16,7 +16,6 @@ import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +25,7 @@ from ..decode import ConvDecoder, Decoder, KeepObserved, MostLikelyInWindow, Nai
 from ..heads import Head
 from ..masks import observed_like
 from ..runtime import check_fits, intra_op_threads, threads_for
+from ..score import eval_mode
 
 
 def check_images(x: Tensor, image_shape: tuple[int, int, int], num_levels: int) -> Tensor:
@@ -271,15 +271,6 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         ``decoder.caches.at(...)`` (and ``decoder.per_row`` for work a row shares)."""
         raise NotImplementedError(f"{type(self).__name__} does not decode through a ConvDecoder")
 
-    @contextmanager
-    def _eval_mode(self):
-        was_training = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was_training)
-
     def sample(
         self,
         n: int,
@@ -338,7 +329,7 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
             raise ValueError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
         step = len(x) if batch_size is None else batch_size
         out = torch.empty(x.shape, dtype=torch.long, device=x.device)  # written batch by batch
-        with self._eval_mode():
+        with eval_mode(self):
             for start in range(0, len(x), step):
                 i = slice(start, start + step)
                 out[i] = decode(self, x[i], policy_for(i), None if labels is None else labels[i], naive=naive,
