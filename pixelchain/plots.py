@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from . import masks
 from .data import ImageDataset
 from .run_dir import RunDir
 
@@ -73,13 +74,6 @@ def save_completions(originals: Tensor, observed: Tensor, completions: Tensor, n
     return Path(path)
 
 
-def bottom_half_occluded(x: Tensor) -> Tensor:
-    """The observed mask of the completion figures: top half kept, bottom half missing."""
-    observed = torch.ones_like(x, dtype=torch.bool)
-    observed[:, :, x.shape[2] // 2 :] = False
-    return observed
-
-
 def draw_completions(model: torch.nn.Module, test: ImageDataset, path: str | Path, n: int, per_image: int,
                      generator: torch.Generator | None = None, naive: bool = False,
                      batch_size: int | None = None) -> Path:
@@ -91,7 +85,7 @@ def draw_completions(model: torch.nn.Module, test: ImageDataset, path: str | Pat
     index = torch.linspace(0, len(test) - 1, n).long()
     x = test.images[index].to(model.device)
     labels = None if not getattr(model, "num_classes", None) else test.labels[index].repeat_interleave(per_image)
-    observed = bottom_half_occluded(x)
+    observed = ~masks.missing("bottom", tuple(x.shape)).to(x.device)  # the top half kept
     done = model.complete(x.repeat_interleave(per_image, 0), observed.repeat_interleave(per_image, 0),
                           generator=generator, labels=labels, naive=naive, progress=True, batch_size=batch_size)
     return save_completions(x, observed, done.view(n, per_image, *x.shape[1:]), model.num_levels, path)
