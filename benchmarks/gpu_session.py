@@ -1,25 +1,26 @@
-"""A lent GPU's minutes: every unfinished full-size preset trained side by side on the one GPU, each
-continued from where the repository left it, and what it reached packed for the trip back.
+"""A lent GPU's minutes: every unfinished training run side by side on the one GPU, each continued
+from where the repository left it, and what it reached packed for the trip back.
 
     python -m benchmarks.gpu_session carry-data                      # here: the data into .carry/
-    python3 -m benchmarks.gpu_session run --smoke --out $OUT          # there (carry .carry): ~1 minute
-    python3 -m benchmarks.gpu_session run --minutes 7 --out $OUT      # there: the real run
+    python3 -m benchmarks.gpu_session run --smoke --out $OUT          # there (carry .carry): ~2 minutes
+    python3 -m benchmarks.gpu_session run --minutes 8 --out $OUT      # there: the real run
     python -m benchmarks.gpu_session unpack FILES_AT --runs-dir runs/gpu   # here: run directories
-    python -m benchmarks.report --runs-dir runs/gpu                  # keep the records, rebuild the table
-    python -m benchmarks.ship --runs-dir runs/gpu PRESET ...          # where a figure improved
+    python -m benchmarks.ship --runs-dir runs/gpu/... NAME ...        # where a figure improved
 
-``run`` starts one ``benchmarks.train_bmnist`` process per preset (bf16 autocast; with ``--compile``,
-torch.compile for the convolutional and attention presets), each from its shipped checkpoint when there is an
-unfinished one (``--from-shipped``), from its run directory when an earlier call of this session
-left one (``--resume``), else from scratch; presets whose shipped run finished (early stopping) are
-skipped. Training stops resumably ``RESERVE`` seconds before the minutes are up (the final test
-split and the packing fit in them); a process still running at the end is interrupted (it
-checkpoints) and then killed. ``--smoke`` runs the same commands on ``--smoke-images`` images of
-each split for ``SMOKE_SECONDS`` of training, in a separate runs directory.
+``JOBS`` lists the runs: the binarized-MNIST presets (``benchmarks.train_bmnist``), PixelDefend's
+density model and classifiers on Fashion-MNIST, and the 256-level MNIST models the codec needs
+(``pixelchain train``). ``run`` starts one process per job (bf16 autocast), each from its run
+directory when an earlier call left one (``--resume``), else from its shipped checkpoint when that
+run is unfinished, else from scratch; a job whose shipped run finished is skipped. Training stops
+resumably ``RESERVE`` seconds before the minutes are up (the final test split and the packing fit
+in them); a process still running at the end is interrupted (it checkpoints) and then killed.
+``--smoke`` runs the same commands for ``SMOKE_SECONDS`` of training each, in a separate runs
+directory.
 
-What comes back from the device machine is at most 8 files of 16 MiB: ``records.tar.gz`` (each run's
-result.json, metrics.jsonl, config.json and log), ``weights_N.tar`` (config.json and
-model.safetensors, up to 15 MiB an archive; larger weights stay there, their records come back) and
+What comes back from the device machine is at most 8 files of 16 MiB, 64 MiB in all:
+``records.tar.gz`` (each run's result.json, metrics.jsonl, config.json and log), ``weights_N.tar``
+(config.json and model.safetensors, up to 15 MiB an archive, ``WEIGHTS_BYTES`` in all, in the
+order of ``JOBS``; weights that do not fit stay there, their records come back) and
 ``summary.txt``.
 """
 
@@ -34,59 +35,119 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import SHARED_DATA
-from benchmarks.train_bmnist import PRESETS
+from benchmarks.continue_runs import Job as Continued
+from benchmarks.continue_runs import seed_from_shipped
 from pixelchain.checkpoint import PRETRAINED_DIR
 from pixelchain.run_dir import CONFIG, METRICS, RESULT, STATE, WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
 CARRIED_DATA = ROOT / ".carry" / "data"  # .carry/ is ignored by git; name it in the run's carry
-# the full-size presets that have not reached their published figure, and their extra arguments
-GPU_PRESETS: dict[str, list[str]] = {
-    "gated_pixelcnn": [], "row_lstm": [], "diagonal_bilstm": ["--eval-every", "200"],
-    "transformer": [], "transformer_64x8": [],
-    "pixelcnn_pp": [], "pixelcnn_drop10": [], "pixelcnn_drop30": [], "pixelcnn_drop30_l2": [],
-}
-COMPILED = {"gated_pixelcnn", "transformer", "transformer_64x8", "pixelcnn_drop10", "pixelcnn_drop30",
-            "pixelcnn_drop30_l2"}
-RESERVE, SMOKE_SECONDS = 60.0, 20.0
-ARCHIVE_BYTES = 15 << 20
+CARRIED_SETS = {"binarized_mnist": None, "mnist": None, "fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
+RESERVE, SMOKE_SECONDS = 75.0, 20.0
+ARCHIVE_BYTES, WEIGHTS_BYTES = 15 << 20, 56 << 20
 RECORD_FILES = (RESULT, METRICS, CONFIG)
 
 
-def start_option(preset: str, runs: Path) -> list[str] | None:
-    """How a preset starts: its run directory, its shipped checkpoint, or nothing (from scratch);
-    None when its shipped run has finished."""
-    if (runs / preset / STATE).is_file():
+@dataclass(frozen=True)
+class Job:
+    """One training run. ``preset``: a benchmarks.train_bmnist preset (run directory and shipped
+    checkpoint bmnist_PRESET); else ``train`` holds ``pixelchain train`` arguments from scratch and
+    ``shipped`` names the checkpoint the run continues, if any."""
+
+    name: str
+    preset: str | None = None
+    train: tuple[str, ...] = ()
+    shipped: str | None = None
+    extra: tuple[str, ...] = ()  # arguments every call adds (a preset's --eval-every)
+
+
+def _pixelcnn_pp(dataset: str, head: str) -> tuple[str, ...]:
+    """A PixelCNN++ larger than the CPU could train (48 filters), from scratch."""
+    return ("pixelcnn_pp", "--dataset", dataset, "--set", "channels=48", "--set", "num_resnet=1",
+            "--set", "num_scales=3", "--set", "num_mixtures=5", "--set", "dropout=0.1", "--set", f"head={head!r}",
+            "--epochs", "40", "--batch-size", "64", "--lr", "2e-3", "--lr-decay", "0.95")
+
+
+JOBS = [  # packing order: what the issues need most first
+    Job("fmnist_pixelcnn_pp", shipped="fmnist_pixelcnn_pp"),
+    Job("fmnist_pixelcnn_pp_48", train=_pixelcnn_pp("fashion_mnist", "mixture")),
+    Job("fmnist_pixelcnn_pp_48_softmax", train=_pixelcnn_pp("fashion_mnist", "softmax")),
+    Job("fmnist_resnet_w16", train=("resnet", "--dataset", "fashion_mnist", "--set", "widths=(16, 32, 64)",
+                                    "--epochs", "30", "--batch-size", "128", "--lr", "2e-3", "--lr-decay", "0.88")),
+    Job("fmnist_vgg_long", train=("vgg", "--dataset", "fashion_mnist", "--epochs", "40", "--batch-size", "128",
+                                  "--lr", "1e-3", "--lr-decay", "0.9", "--seed", "1")),
+    Job("mnist_pixelcnn_pp_48", train=_pixelcnn_pp("mnist", "mixture")),
+    Job("mnist_pixelcnn_pp_48_softmax", train=_pixelcnn_pp("mnist", "softmax")),
+    Job("gated_pixelcnn", preset="gated_pixelcnn"),
+    Job("row_lstm", preset="row_lstm"),
+    Job("pixelcnn_drop30", preset="pixelcnn_drop30"),
+    Job("transformer", preset="transformer"),
+    Job("pixelcnn_pp", preset="pixelcnn_pp"),
+    Job("diagonal_bilstm", preset="diagonal_bilstm", extra=("--eval-every", "200")),
+]
+BY_NAME = {job.name: job for job in JOBS}
+
+
+def shipped_name(job: Job) -> str | None:
+    return f"bmnist_{job.preset}" if job.preset else job.shipped
+
+
+def start_option(job: Job, runs: Path) -> list[str] | None:
+    """How a job starts: its run directory, its shipped checkpoint, or nothing (from scratch); None
+    when its shipped run has finished."""
+    if (runs / job.name / STATE).is_file():
         return ["--resume"]
-    shipped = PRETRAINED_DIR / f"bmnist_{preset}" / "result.json"
-    if shipped.is_file():
-        return None if json.loads(shipped.read_text())["finished"] else ["--from-shipped"]
+    shipped = shipped_name(job)
+    result = PRETRAINED_DIR / str(shipped) / RESULT
+    if shipped and result.is_file():
+        return None if json.loads(result.read_text())["finished"] else ["--from-shipped"]
     return []
 
 
-def launch(presets: list[str], runs: Path, device: str, seconds: float, compile: bool, limit: int | None) -> dict:
-    """One training process per preset, side by side; returns preset -> (process, log path)."""
+def command(job: Job, runs: Path, option: list[str], device: str, seconds: float) -> list[str]:
+    """The training process of ``job`` (seeding its run directory from the shipped checkpoint when a
+    ``pixelchain train`` job continues one)."""
+    common = ["--device", device, "--max-time", str(seconds), "--no-figures",
+              "--amp" if device.startswith("cuda") else "--no-amp"]
+    if job.preset:
+        return [sys.executable, "-m", "benchmarks.train_bmnist", job.preset, "--runs-dir", str(runs), *option,
+                *common, *job.extra]
+    run_dir = runs / job.name
+    if option == ["--from-shipped"]:
+        seed_from_shipped(Continued(str(job.shipped), "", 0.0, ""), run_dir)
+        option = ["--resume"]
+    if option == ["--resume"]:
+        model = json.loads((run_dir / CONFIG).read_text())["model"]
+        return [sys.executable, "-m", "pixelchain.cli", "train", model, "--resume", "--run-dir", str(run_dir),
+                "--quiet", *common]
+    return [sys.executable, "-m", "pixelchain.cli", "train", *job.train, "--run-dir", str(run_dir), "--quiet",
+            *common]
+
+
+def launch(jobs: list[Job], runs: Path, device: str, seconds: float) -> dict:
+    """One training process per job, side by side; returns name -> (process, log path)."""
     runs.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // max(1, len(presets)))
+    threads = max(1, (os.cpu_count() or 1) // max(1, len(jobs)))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     processes = {}
-    for preset in presets:
-        option = start_option(preset, runs)
+    for job in jobs:
+        option = start_option(job, runs)
         if option is None:
-            print(f"{preset}: its shipped run finished; skipped")
+            print(f"{job.name}: its shipped run finished; skipped")
             continue
-        command = [sys.executable, "-m", "benchmarks.train_bmnist", preset, "--runs-dir", str(runs), "--device",
-                   device, "--max-time", str(seconds), "--no-figures", *option, *GPU_PRESETS.get(preset, [])]
-        command += ["--amp"] if device.startswith("cuda") else ["--no-amp"]
-        command += ["--compile"] if compile and preset in COMPILED else []
-        command += ["--limit", str(limit)] if limit else []
-        log = runs / f"{preset}.log"
-        print(" ".join(command[1:]), flush=True)
-        processes[preset] = (subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"),
-                                              stderr=subprocess.STDOUT), log)
+        try:
+            argv = command(job, runs, option, device, seconds)
+        except Exception as e:  # noqa: BLE001 - one job's failure to start must not stop the others
+            print(f"{job.name}: could not start ({type(e).__name__}: {e})")
+            continue
+        log = runs / f"{job.name}.log"
+        print(" ".join(argv[1:]), flush=True)
+        processes[job.name] = (subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log.open("w"),
+                                                stderr=subprocess.STDOUT), log)
     return processes
 
 
@@ -103,41 +164,47 @@ def wait(processes: dict, deadline: float) -> None:
         process.wait()
 
 
-def pack(runs: Path, presets: list[str], out: Path) -> list[str]:
+def describe(name: str, r: dict) -> str:
+    test = ", ".join(f"{k} {v:.4f}" for k, v in r["test"].items() if k != "n" and isinstance(v, float))
+    valid = r.get("best_valid_nll")
+    return (f"{name}: test {test} (best valid NLL {float('nan') if valid is None else valid:.4f}) after "
+            f"{r['epochs']} epochs, {r['steps']} steps, {r['train_seconds'] / 60:.1f} min, "
+            f"{r['images_per_s']:.0f} img/s, finished {r['finished']}")
+
+
+def pack(runs: Path, names: list[str], out: Path) -> list[str]:
     """records.tar.gz and weights_N.tar under ``out`` (see the module docstring); returns the
     summary lines."""
     out.mkdir(parents=True, exist_ok=True)
-    lines, archives, size = [], [], ARCHIVE_BYTES
+    lines, archives, size, total = [], [], ARCHIVE_BYTES, 0
     with tarfile.open(out / "records.tar.gz", "w:gz") as records:
-        for preset in presets:
-            run = runs / preset
-            for name in RECORD_FILES:
-                if (run / name).is_file():
-                    records.add(run / name, f"{preset}/{name}")
-            if (runs / f"{preset}.log").is_file():
-                records.add(runs / f"{preset}.log", f"{preset}/train.log")
-            if not (run / "result.json").is_file():
-                lines.append(f"{preset}: no result (see its train.log)")
+        for name in names:
+            run = runs / name
+            for file in RECORD_FILES:
+                if (run / file).is_file():
+                    records.add(run / file, f"{name}/{file}")
+            if (runs / f"{name}.log").is_file():
+                records.add(runs / f"{name}.log", f"{name}/train.log")
+            if not (run / RESULT).is_file():
+                lines.append(f"{name}: no result (see its train.log)")
                 continue
-            r = json.loads((run / "result.json").read_text())
-            weights = run / WEIGHTS
-            line = (f"{preset}: test NLL {r['test']['nll']:.2f} (best valid {r['best_valid_nll'] or float('nan'):.2f}) "
-                    f"after {r['steps'] * r['train']['batch_size'] / r['train_images']:.1f} epochs, "
-                    f"{r['train_seconds'] / 60:.1f} min, {r['images_per_s']:.0f} img/s, finished {r['finished']}")
-            if weights.stat().st_size + 4096 > ARCHIVE_BYTES:
-                line += f"; weights {weights.stat().st_size / 2**20:.0f} MiB stay there"
+            line, weights = describe(name, json.loads((run / RESULT).read_text())), run / WEIGHTS
+            nbytes = weights.stat().st_size + 4096 if weights.is_file() else 0
+            if not nbytes:
+                line += "; no weights"
+            elif nbytes > ARCHIVE_BYTES or total + nbytes > WEIGHTS_BYTES or (size + nbytes > ARCHIVE_BYTES
+                                                                            and len(archives) == 6):
+                line += f"; weights {weights.stat().st_size / 2**20:.1f} MiB stay there"
             else:
-                if size + weights.stat().st_size > ARCHIVE_BYTES:
+                if size + nbytes > ARCHIVE_BYTES:
                     archives.append(tarfile.open(out / f"weights_{len(archives) + 1}.tar", "w"))
                     size = 0
-                for name in (CONFIG, WEIGHTS):
-                    archives[-1].add(run / name, f"{preset}/{name}")
-                size += weights.stat().st_size + 4096
+                for file in (CONFIG, WEIGHTS):
+                    archives[-1].add(run / file, f"{name}/{file}")
+                size, total = size + nbytes, total + nbytes
             lines.append(line)
     for archive in archives:
         archive.close()
-    if len(archives) > 6:
-        lines.append(f"{len(archives)} weight archives: only 8 files come back; ship fewer runs at a time")
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     return lines
 
@@ -146,30 +213,33 @@ def run(args: argparse.Namespace) -> None:
     if "PIXELCHAIN_DATA" not in os.environ and CARRIED_DATA.is_dir():
         os.environ["PIXELCHAIN_DATA"] = str(CARRIED_DATA)
     os.environ.setdefault("PIXELCHAIN_OFFLINE", "1")
-    presets = args.presets or list(GPU_PRESETS)
-    unknown = sorted(set(presets) - set(PRESETS))
+    names = args.jobs or [job.name for job in JOBS]
+    unknown = sorted(set(names) - set(BY_NAME))
     if unknown:
-        raise SystemExit(f"unknown presets: {unknown}")
+        raise SystemExit(f"unknown jobs: {unknown}; choose from {list(BY_NAME)}")
     start = time.monotonic()
     total = SMOKE_SECONDS + RESERVE if args.smoke else args.minutes * 60
     runs = Path(args.runs_dir) / ("smoke" if args.smoke else "real")
     if args.smoke:
         shutil.rmtree(runs, ignore_errors=True)
-    limit = args.smoke_images if args.smoke else None
-    processes = launch(presets, runs, args.device, total - RESERVE, args.compile, limit)
+    processes = launch([BY_NAME[n] for n in names], runs, args.device, total - RESERVE)
     wait(processes, start + total)
     lines = pack(runs, list(processes), Path(args.out))
     print("\n".join(lines))
-    for preset, (process, log) in processes.items():
+    for name, (process, log) in processes.items():
         if process.returncode:
-            print(f"--- {preset} exited with {process.returncode}; the end of its log:")
+            print(f"--- {name} exited with {process.returncode}; the end of its log:")
             print("\n".join(log.read_text().splitlines()[-15:]))
 
 
 def carry_data(args: argparse.Namespace) -> None:
-    source = Path(os.environ.get("PIXELCHAIN_DATA", SHARED_DATA)) / "binarized_mnist"
-    shutil.copytree(source, CARRIED_DATA / "binarized_mnist", dirs_exist_ok=True)
-    print(f"{source} -> {CARRIED_DATA / 'binarized_mnist'}; name .carry in the run's carry")
+    for name, fallback in CARRIED_SETS.items():
+        source = Path(os.environ.get("PIXELCHAIN_DATA", SHARED_DATA)) / name
+        if not source.is_dir() and fallback is not None:
+            source = fallback
+        shutil.copytree(source, CARRIED_DATA / name, dirs_exist_ok=True)
+        print(f"{source} -> {CARRIED_DATA / name}")
+    print("name .carry in the run's carry")
 
 
 def unpack(args: argparse.Namespace) -> None:
@@ -178,23 +248,21 @@ def unpack(args: argparse.Namespace) -> None:
         with tarfile.open(archive) as tar:
             tar.extractall(runs, filter="data")
     print((Path(args.files) / "summary.txt").read_text(), end="")
-    print(f"run directories under {runs}: python -m benchmarks.report --runs-dir {runs}")
+    print(f"run directories under {runs}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("run", help="train the presets side by side (on the device machine)")
-    p.add_argument("presets", nargs="*", help=f"default: {' '.join(GPU_PRESETS)}")
-    p.add_argument("--minutes", type=float, default=7.0, help="wall time of the whole run, packing included")
-    p.add_argument("--smoke", action="store_true", help="a ~1 minute test of the same commands on a few images")
-    p.add_argument("--smoke-images", type=int, default=1000, help="images of each split in --smoke")
+    p = commands.add_parser("run", help="train the jobs side by side (on the device machine)")
+    p.add_argument("jobs", nargs="*", help=f"default: {' '.join(BY_NAME)}")
+    p.add_argument("--minutes", type=float, default=8.0, help="wall time of the whole run, packing included")
+    p.add_argument("--smoke", action="store_true", help=f"{SMOKE_SECONDS:.0f} s of training each, apart")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--compile", action="store_true", help=f"torch.compile {', '.join(sorted(COMPILED))}")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "gpu_session"))
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_out"), help="where the files to bring back go")
     p.set_defaults(handler=run)
-    p = commands.add_parser("carry-data", help="copy binarized MNIST into .carry/data (here)")
+    p = commands.add_parser("carry-data", help="copy the datasets into .carry/data (here)")
     p.set_defaults(handler=carry_data)
     p = commands.add_parser("unpack", help="the files that came back -> run directories (here)")
     p.add_argument("files")

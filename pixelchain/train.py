@@ -538,6 +538,8 @@ class Trainer:
         run = self.run_dir
         if self.best is None and self.valid is not None and run is not None and (run / WEIGHTS).exists():
             self.best = run.read_weights(self.device)  # the best came before the resume
+        elif self.best is None and run is not None and self.main and not (run / WEIGHTS).exists():
+            run.write_weights(self.model.state_dict())  # stopped before its first evaluation: what it has
         if self.best is not None:
             load_weights(self.model, self.best, run / WEIGHTS if run is not None else Path(WEIGHTS))
         return {

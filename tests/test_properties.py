@@ -27,8 +27,12 @@ TINY = {
 }
 DENSITY_MODELS = pc.list_models("density")
 # Configurations beyond one per model that make other promises: MADE's ensemble is a mixture, whose
-# conditionals (map, decoders) must agree with its log_prob.
-VARIANTS = {"made_ensemble": ("made", {"hidden": (11, 9), "num_masks": 3, "direct": True}, (2, 3, 5))}
+# conditionals (map, decoders) must agree with its log_prob; PixelCNN++ with a free softmax head.
+VARIANTS = {
+    "made_ensemble": ("made", {"hidden": (11, 9), "num_masks": 3, "direct": True}, (2, 3, 5)),
+    "pixelcnn_pp_softmax": ("pixelcnn_pp", {"channels": 6, "num_resnet": 1, "num_scales": 2, "head": "softmax"},
+                            (2, 3, 5)),
+}
 COVERED = DENSITY_MODELS + list(VARIANTS)
 
 # (image_shape, K): tiny enough to enumerate every configuration.

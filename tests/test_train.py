@@ -45,6 +45,23 @@ def test_resume_with_evaluations_inside_epochs(digits, tmp_path):
         torch.testing.assert_close(weights(tmp_path / "b")[key], value, rtol=0, atol=0, msg=key)
 
 
+def test_a_budget_spent_before_the_first_evaluation_leaves_a_loadable_model(digits, tmp_path):
+    """max_steps inside the first epoch: no evaluation yet, but the run directory holds the weights
+    fit returns, so the run loads (and a resume still selects by validation)."""
+    train, valid = digits
+    model = new_model(digits, "fully_visible", {})
+    summary = pc.fit(model, train, valid, run_dir=tmp_path / "run", epochs=2, batch_size=20, max_steps=3,
+                     progress=False)
+    assert summary["step"] == 3 and summary["best_valid"] is None
+    loaded = pc.load(tmp_path / "run")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    pc.fit(model, train, valid, run_dir=tmp_path / "run", epochs=2, batch_size=20, resume=True, progress=False)
+    assert pc.evaluate(pc.load(tmp_path / "run"), valid)["nll"] == pytest.approx(
+        min(json.loads(x)["valid_nll"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()),
+        rel=1e-6)
+
+
 def test_killed_between_logging_and_checkpointing_logs_each_evaluation_once(digits, tmp_path, monkeypatch):
     """A kill after an evaluation is logged but before its checkpoint: resuming redoes it, once."""
     train, valid = digits

@@ -5,7 +5,9 @@ the pixels to the left (down-right-shifted 2x2 convolutions). A down pass over `
 resolutions (stride-2 convolutions between them) and an up pass back (stride-2 transposed
 convolutions), with every down-pass output skip-connected to the up pass. Blocks are gated
 ResNets with concat-ELU and dropout; the head is a discretised logistic mixture whose RGB
-channels depend linearly on each other, so the network itself sees whole pixels only.
+channels depend linearly on each other, so the network itself sees whole pixels only. With
+``head="softmax"`` it is instead a free K-way softmax per sub-pixel (as PixelDefend's code has it),
+whose RGB channels are independent given the pixels before (a normalised but factorised pixel).
 
 Decoding with caches (Fast PixelCNN++, Ramachandran et al., 2017) uses this same code: the ``u``
 stream runs one row per image row, the ``ul`` stream one pixel per pixel (tensors [B, C]), each
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..decode import DIRECT, ConvDecoder, Decoder, Run
-from ..heads import DiscretizedLogisticMixture
+from ..heads import Categorical, DiscretizedLogisticMixture
 from ..layers import CausalConv2d, CausalConvTranspose2d
 from . import register
 from .base import AutoregressiveModel, check_sizes
@@ -61,10 +63,14 @@ class GatedResNet(nn.Module):
         return x + a * torch.sigmoid(b)
 
 
+HEADS = ("mixture", "softmax")
+
+
 @register("pixelcnn_pp")
 class PixelCNNPP(AutoregressiveModel):
     """PixelCNN++ with ``channels`` filters, ``num_resnet`` blocks per scale and stream, and a
-    mixture of ``num_mixtures`` discretised logistics."""
+    mixture of ``num_mixtures`` discretised logistics (``head="mixture"``) or a K-way softmax per
+    sub-pixel (``head="softmax"``; ``num_mixtures`` is then unused)."""
 
     def __init__(
         self,
@@ -75,9 +81,14 @@ class PixelCNNPP(AutoregressiveModel):
         num_scales: int = 3,
         num_mixtures: int = 5,
         dropout: float = 0.5,
+        head: str = "mixture",
     ) -> None:
         check_sizes(channels=channels, num_resnet=num_resnet, num_scales=num_scales, num_mixtures=num_mixtures)
-        super().__init__(image_shape, num_levels, DiscretizedLogisticMixture(num_levels, num_mixtures))
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r:.40}")
+        mixture = head == "mixture"
+        super().__init__(image_shape, num_levels,
+                         DiscretizedLogisticMixture(num_levels, num_mixtures) if mixture else Categorical(num_levels))
         C, H, W = self.image_shape
         F_ = channels
         self.sizes = [(-(-H >> s), -(-W >> s)) for s in range(num_scales)]  # ceil(size / 2^s)
