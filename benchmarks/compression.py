@@ -26,7 +26,8 @@ from benchmarks.common import machine, write_section
 from pixelchain import checkpoint, codec
 from pixelchain.cli import read_images
 
-MODELS = {"binarized_mnist": "bmnist_gated_pixelcnn", "mnist": None, "fashion_mnist": "fmnist_pixelcnn_pp"}
+MODELS = {"binarized_mnist": "bmnist_gated_pixelcnn", "mnist": "mnist_pixelcnn_pp",
+          "fashion_mnist": "fmnist_pixelcnn_pp"}
 TARGETS = {"binarized_mnist": 0.16, "mnist": 1.05, "fashion_mnist": 2.9}  # bits/pixel, whole set
 
 
@@ -121,7 +122,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="the last N test images of each dataset")
     parser.add_argument("--datasets", nargs="+", default=list(MODELS))
     parser.add_argument("--model", action="append", default=[], metavar="DATASET=MODEL",
-                        help="the model for a dataset (default: the shipped ones; mnist has none yet)")
+                        help="the model for a dataset (default: the shipped ones)")
     parser.add_argument("--batch-size", type=int, default=250, help="images coded at once (the file's chunk)")
     parser.add_argument("--per-image", type=int, default=50, help="images coded one per stream for the per-image "
                         "column of the model")
