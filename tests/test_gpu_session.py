@@ -1,5 +1,6 @@
-"""benchmarks/gpu_session.py's bookkeeping (the training it launches is train_bmnist's): how each
-preset starts, and the packing of what comes back into at most 8 files of 15 MiB, unpacked here."""
+"""benchmarks/gpu_session.py's bookkeeping (the training it launches is train_bmnist's and
+pixelchain train's): how each job starts, and the packing of what comes back into at most 8 files
+of 15 MiB, unpacked here."""
 
 import argparse
 import json
@@ -8,31 +9,48 @@ from benchmarks import gpu_session
 from pixelchain.train import STATE
 
 
-def test_each_preset_starts_where_the_repository_left_it(tmp_path):
-    assert gpu_session.start_option("gated_pixelcnn", tmp_path) == ["--from-shipped"]  # shipped, unfinished
-    assert gpu_session.start_option("pixelcnn", tmp_path) is None  # shipped, early-stopped
-    assert gpu_session.start_option("pixelcnn_drop10", tmp_path) == []  # never trained
+def test_each_job_starts_where_the_repository_left_it(tmp_path):
+    Job, start = gpu_session.Job, gpu_session.start_option
+    assert start(Job("gated_pixelcnn", preset="gated_pixelcnn"), tmp_path) == ["--from-shipped"]  # unfinished
+    assert start(Job("pixelcnn", preset="pixelcnn"), tmp_path) is None  # shipped, early-stopped
+    assert start(Job("pixelcnn_drop10", preset="pixelcnn_drop10"), tmp_path) == []  # never trained
     (tmp_path / "pixelcnn_drop10").mkdir()
     (tmp_path / "pixelcnn_drop10" / STATE).touch()
-    assert gpu_session.start_option("pixelcnn_drop10", tmp_path) == ["--resume"]  # this session's run
+    assert start(Job("pixelcnn_drop10", preset="pixelcnn_drop10"), tmp_path) == ["--resume"]  # this session's
+    assert start(gpu_session.BY_NAME["fmnist_pixelcnn_pp"], tmp_path) == ["--from-shipped"]
+    assert start(gpu_session.BY_NAME["mnist_pixelcnn_pp_48"], tmp_path) == []
+
+
+def test_a_pixelchain_train_job_starts_fresh_then_resumes_its_run(tmp_path):
+    job = gpu_session.BY_NAME["mnist_pixelcnn_pp_48_softmax"]
+    argv = gpu_session.command(job, tmp_path, [], "cuda", 60.0)
+    assert argv[1:4] == ["-m", "pixelchain.cli", "train"] and "head='softmax'" in argv
+    assert argv[argv.index("--run-dir") + 1] == str(tmp_path / job.name) and "--amp" in argv
+    (tmp_path / job.name).mkdir()
+    (tmp_path / job.name / "config.json").write_text(json.dumps({"model": "pixelcnn_pp"}))
+    argv = gpu_session.command(job, tmp_path, ["--resume"], "cpu", 60.0)
+    assert argv[3:6] == ["train", "pixelcnn_pp", "--resume"] and "--no-amp" in argv and "--set" not in argv
 
 
 def test_pack_and_unpack(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_session, "ARCHIVE_BYTES", 20_000)
     runs, out = tmp_path / "runs", tmp_path / "out"
-    sizes = {"a": 3_000, "b": 3_000, "c": 30_000}  # a and b share an archive; c's weights stay there
+    sizes = {"a": 3_000, "b": 3_000, "c": 30_000, "e": 0}  # a, b share an archive; c's stay there; e has none
     for preset, size in sizes.items():
         (runs / preset).mkdir(parents=True)
-        result = {"test": {"nll": 90.0}, "best_valid_nll": 91.0, "steps": 10, "train": {"batch_size": 5},
-                  "train_images": 50, "train_seconds": 60.0, "images_per_s": 1.0, "finished": False}
+        result = {"test": {"nll": 90.0, "n": 10}, "best_valid_nll": 91.0, "epochs": 1, "steps": 10,
+                  "train_seconds": 60.0, "images_per_s": 1.0, "finished": False}
         (runs / preset / "result.json").write_text(json.dumps(result))
         (runs / preset / "metrics.jsonl").write_text("{}\n")
         (runs / preset / "config.json").write_text("{}")
-        (runs / preset / "model.safetensors").write_bytes(b"0" * size)
+        if size:
+            (runs / preset / "model.safetensors").write_bytes(b"0" * size)
     (runs / "d.log").write_text("Traceback")
-    lines = gpu_session.pack(runs, ["a", "b", "c", "d"], out)
+    lines = gpu_session.pack(runs, ["a", "b", "c", "d", "e"], out)
     assert sorted(p.name for p in out.iterdir()) == ["records.tar.gz", "summary.txt", "weights_1.tar"]
-    assert "weights 0 MiB stay there" in lines[2] and lines[3] == "d: no result (see its train.log)"
+    assert lines[0].startswith("a: test nll 90.0000 (best valid NLL 91.0000) after 1 epochs")
+    assert "weights 0.0 MiB stay there" in lines[2] and lines[3] == "d: no result (see its train.log)"
+    assert lines[4].endswith("; no weights")
     gpu_session.unpack(argparse.Namespace(files=str(out), runs_dir=str(tmp_path / "back")))
     back = tmp_path / "back"
     assert (back / "a" / "model.safetensors").read_bytes() == b"0" * 3_000
