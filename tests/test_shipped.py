@@ -16,11 +16,11 @@ SHIPPED = pc.pretrained()
 
 def test_checkpoints_are_shipped():
     """One checkpoint per family and dataset, the best."""
-    families = ["fvsbn_per_pixel", "nade", "made", "pixelcnn", "gated_pixelcnn", "pixelcnn_pp_cpu", "row_lstm",
-                "diagonal_bilstm_cpu", "transformer_cpu"]
+    families = ["fvsbn_per_pixel", "nade", "made", "pixelcnn", "gated_pixelcnn", "pixelcnn_pp", "row_lstm",
+                "diagonal_bilstm", "transformer"]
     assert set(SHIPPED) == {f"bmnist_{f}" for f in families} | {"fvsbn_caltech", "logistic_regression_mnist",
                                                                  "fmnist_resnet", "fmnist_vgg", "fmnist_pixelcnn_pp",
-                                                                 "fmnist_background"}
+                                                                 "fmnist_background", "mnist_pixelcnn_pp"}
 
 
 @pytest.mark.parametrize("name", SHIPPED)
