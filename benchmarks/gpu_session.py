@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import SHARED_DATA
-from benchmarks.continue_runs import Job as Continued
+from benchmarks.continue_runs import JOBS as CONTINUED
 from benchmarks.continue_runs import seed_from_shipped
 from pixelchain.checkpoint import PRETRAINED_DIR
 from pixelchain.run_dir import CONFIG, METRICS, RESULT, STATE, WEIGHTS
@@ -56,7 +56,8 @@ RECORD_FILES = (RESULT, METRICS, CONFIG)
 class Job:
     """One training run. ``preset``: a benchmarks.train_bmnist preset (run directory and shipped
     checkpoint bmnist_PRESET); else ``train`` holds ``pixelchain train`` arguments from scratch and
-    ``shipped`` names the checkpoint the run continues, if any."""
+    ``shipped`` names the checkpoint the run continues, if any: a job of benchmarks.continue_runs,
+    which seeds the run directory (its record's curve included)."""
 
     name: str
     preset: str | None = None
@@ -102,8 +103,8 @@ def start_option(job: Job, runs: Path) -> list[str] | None:
     if (runs / job.name / STATE).is_file():
         return ["--resume"]
     shipped = shipped_name(job)
-    result = PRETRAINED_DIR / str(shipped) / RESULT
-    if shipped and result.is_file():
+    result = PRETRAINED_DIR / shipped / RESULT if shipped else None
+    if result is not None and result.is_file():
         return None if json.loads(result.read_text())["finished"] else ["--from-shipped"]
     return []
 
@@ -118,7 +119,7 @@ def command(job: Job, runs: Path, option: list[str], device: str, seconds: float
                 *common, *job.extra]
     run_dir = runs / job.name
     if option == ["--from-shipped"]:
-        seed_from_shipped(Continued(str(job.shipped), "", 0.0, ""), run_dir)
+        seed_from_shipped(next(j for j in CONTINUED if j.name == job.shipped), run_dir)
         option = ["--resume"]
     if option == ["--resume"]:
         model = json.loads((run_dir / CONFIG).read_text())["model"]

@@ -19,6 +19,9 @@ def test_each_job_starts_where_the_repository_left_it(tmp_path):
     assert start(Job("pixelcnn_drop10", preset="pixelcnn_drop10"), tmp_path) == ["--resume"]  # this session's
     assert start(gpu_session.BY_NAME["fmnist_pixelcnn_pp"], tmp_path) == ["--from-shipped"]
     assert start(gpu_session.BY_NAME["mnist_pixelcnn_pp_48"], tmp_path) == []
+    # a continued checkpoint is seeded by its continue_runs job (whose table holds the record's curve)
+    continued = {j.name for j in gpu_session.CONTINUED}
+    assert all(job.shipped in continued for job in gpu_session.JOBS if job.shipped)
 
 
 def test_a_pixelchain_train_job_starts_fresh_then_resumes_its_run(tmp_path):
