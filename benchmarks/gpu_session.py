@@ -40,7 +40,7 @@ from pathlib import Path
 
 from benchmarks.common import SHARED_DATA
 from benchmarks.continue_runs import JOBS as CONTINUED
-from benchmarks.continue_runs import seed_from_shipped
+from benchmarks.continue_runs import WARMUP, seed_from_shipped
 from pixelchain.checkpoint import PRETRAINED_DIR
 from pixelchain.run_dir import CONFIG, METRICS, RESULT, STATE, WEIGHTS
 
@@ -112,7 +112,7 @@ def start_option(job: Job, runs: Path) -> list[str] | None:
 def command(job: Job, runs: Path, option: list[str], device: str, seconds: float) -> list[str]:
     """The training process of ``job`` (seeding its run directory from the shipped checkpoint when a
     ``pixelchain train`` job continues one)."""
-    common = ["--device", device, "--max-time", str(seconds), "--no-figures",
+    common = ["--device", device, "--max-time", str(seconds), "--no-figures", "--warmup", str(WARMUP),
               "--amp" if device.startswith("cuda") else "--no-amp"]
     if job.preset:
         return [sys.executable, "-m", "benchmarks.train_bmnist", job.preset, "--runs-dir", str(runs), *option,

@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                         help="bfloat16 autocast where the hardware runs it natively (the library's default)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (pc.fit(compile=True))")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="steps of linear learning-rate warm-up whenever Adam's moments start fresh")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--from-shipped", action="store_true",
                         help="continue the shipped checkpoint bmnist_PRESET (when RUNS_DIR has no run of it yet)")
@@ -174,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = pc.fit(
         model, train, curve_valid, run_dir=run_dir, epochs=epochs, patience=args.patience,
         max_time=args.max_time, eval_every=args.eval_every, amp=args.amp, compile=args.compile, resume=resume,
-        progress=sys.stdout.isatty(), info={"dataset": {"name": "binarized_mnist"}, "preset": args.preset},
+        warmup=args.warmup, progress=sys.stdout.isatty(),
+        info={"dataset": {"name": "binarized_mnist"}, "preset": args.preset},
         monitor={"test": curve_test}, **settings,
     )
     result = result_record(

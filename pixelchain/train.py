@@ -83,6 +83,8 @@ class TrainOptions:
     batch_size: int = _option(64, "count", "images per optimiser step (per process under torchrun)")
     lr: float = _option(1e-3, "positive", "Adam's learning rate")
     lr_decay: float = _option(1.0, "positive", "learning-rate factor per epoch")
+    warmup: int = _option(0, "index", "ramp the learning rate up linearly over this many steps whenever Adam's "
+                                      "moments start fresh (a new run, or a checkpoint continued without them)")
     weight_decay: float = _option(0.0, "nonnegative", "L2 penalty on weight matrices and kernels (not biases)")
     grad_clip: float | None = _option(None, "positive", "clip the gradient norm to this")
     patience: int | None = _option(None, "count", "stop after this many evaluations without a better valid NLL")
@@ -217,6 +219,12 @@ class TrainerState:
     early_stopped: bool = False
     train_nll: float | None = None  # running mean over the epoch's steps
     evaluated_step: int = -1  # the step of the last evaluation the record holds
+    warmup_from: int = 0  # the step at which Adam's moments last started fresh
+
+    def warmup_factor(self, warmup: int) -> float:
+        """The learning rate's factor at the next step: a linear ramp over the ``warmup`` steps after
+        the moments started fresh, where their estimates are still noisy."""
+        return min(1.0, (self.step - self.warmup_from + 1) / warmup) if warmup else 1.0
 
     @classmethod
     def from_json(cls, meta: dict) -> TrainerState:
@@ -362,6 +370,8 @@ class Trainer:
             recorded = run.read_config().get("train", {}) if (run / CONFIG).is_file() else {}
             self._check_unchanged(recorded, ["weight_decay"], "its optimiser was built with it")
             state = self.state = _load_state(run / STATE, self.model, self.optimizer)
+            if not self.optimizer.state:  # a checkpoint continued without its moments
+                state.warmup_from = state.step
             if state.batch:
                 self._check_unchanged(recorded, ["batch_size", "processes", "seed"], f"it stopped inside epoch "
                                       f"{state.epoch + 1}, whose batches depend on it")
@@ -457,7 +467,16 @@ class Trainer:
         objective.backward()
         if opts.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
-        self.optimizer.step()
+        factor = self.state.warmup_factor(opts.warmup)
+        if factor < 1.0:  # the schedule's rates stay in the groups; only this step is scaled
+            rates = [group["lr"] for group in self.optimizer.param_groups]
+            for group in self.optimizer.param_groups:
+                group["lr"] *= factor
+            self.optimizer.step()
+            for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+                group["lr"] = rate
+        else:
+            self.optimizer.step()
         return loss.detach()
 
     def train_epoch(self) -> bool:

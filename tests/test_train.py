@@ -256,3 +256,34 @@ def test_a_run_continues_from_weights_and_a_position(digits, tmp_path):
     assert [(r["step"], r["epoch"]) for r in records] == [(39, 3)]
     assert records[0]["lr"] == pytest.approx(3e-3 * 0.5**3)
     assert records[0]["valid_nll"] < 1e9 and summary["best_valid"] == records[0]["valid_nll"]
+
+
+def test_warmup_ramps_the_rate_whenever_adams_moments_start_fresh(digits, tmp_path):
+    """Adam's first update moves every parameter whose gradient is nonzero by about lr (m/sqrt(v) is
+    the gradient's sign); with warmup=4 it moves by lr/4, both in a new run and in a run continued
+    from weights without moments, while a resume that keeps its moments takes full steps and the
+    schedule's recorded rate is untouched."""
+    from pixelchain.train import write_trainer_state
+
+    train, valid = digits
+    lr, kwargs = 1e-2, dict(batch_size=16, epochs=1, progress=False)
+
+    def largest_move(run_dir, resume, warmup, steps):
+        model = pc.load(run_dir) if resume else new_model(digits, "fully_visible", {})
+        before = {k[6:]: v for k, v in weights(run_dir).items()} if resume else \
+            {k: v.clone() for k, v in model.state_dict().items()}
+        pc.fit(model, train, None, run_dir=run_dir, resume=resume, lr=lr, warmup=warmup, max_steps=steps, **kwargs)
+        after = {k[6:]: v for k, v in weights(run_dir).items()}
+        return max((after[k] - v).abs().max().item() for k, v in before.items())
+
+    assert largest_move(tmp_path / "full", False, 0, 1) == pytest.approx(lr, rel=1e-3)
+    assert largest_move(tmp_path / "warm", False, 4, 1) == pytest.approx(lr / 4, rel=1e-3)
+    # continued from weights and a position: the moments are fresh, so the ramp starts again
+    pc.save(pc.load(tmp_path / "full"), tmp_path / "cont")
+    write_trainer_state(tmp_path / "cont", pc.load(tmp_path / "cont"), lr=lr, step=7)
+    assert largest_move(tmp_path / "cont", True, 4, 8) == pytest.approx(lr / 4, rel=1e-3)
+    # resumed with its moments at step 8: two more ramp steps (3/4 of the rate), never above lr
+    assert 0 < largest_move(tmp_path / "cont", True, 4, 9) <= lr * 3 / 4 * 1.01
+    from pixelchain.run_dir import RunDir
+
+    assert RunDir(tmp_path / "cont").read_state()[1]["param_groups"][0]["lr"] == pytest.approx(lr)
