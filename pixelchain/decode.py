@@ -390,22 +390,56 @@ class LayerCaches:
         return layer(x, *args) if op is None else op(x, *args)
 
 
+class ScaleReuse:
+    """What a multi-scale network (PixelCNN++) recomputes at a pixel, and what it reuses.
+
+    Level s runs at resolution 2^-s: sizes[s] = (ceil(H / 2^s), ceil(W / 2^s)). Its row h >> s is
+    new only when 2^s divides h, and its place (h >> s, w >> s) only when 2^s divides h and w;
+    otherwise the work there is the same as at the previous row or at the place's first pixel.
+    ``places[s][column]`` keeps, for level s's current places, a result computed at a place's
+    first pixel (for PixelCNN++ the ul stream's up-pass output: Fast PixelCNN++'s reuse).
+    """
+
+    def __init__(self, sizes: list[tuple[int, int]]) -> None:
+        self.levels = len(sizes)
+        self.places: list[list[Tensor | None]] = [[None] * width for _, width in sizes]
+
+    def new_levels(self, *coordinates: int) -> int:
+        """How many levels, from the finest, have new work at these full-resolution coordinates
+        (the row h, or a place (h, w)): all of them at 0, else those s with 2^s dividing each."""
+        bits = 0
+        for value in coordinates:
+            bits |= value
+        return min((bits & -bits).bit_length() or self.levels, self.levels)
+
+    def place(self, level: int, w: int) -> Tensor | None:
+        """The result kept for level ``level``'s current place in full-resolution column w."""
+        return self.places[level][w >> level]
+
+    def keep(self, level: int, w: int, value: Tensor) -> None:
+        self.places[level][w >> level] = value
+
+
 class ConvDecoder(Decoder):
     """Cached decoding for causal convolutional models.
 
     The model's ``pixel_params(decoder, h, w)`` evaluates its network at one pixel through
-    ``decoder.caches`` (whose layers keep their inputs) and ``decoder.per_row`` (work shared by a
-    row). The convolutions in ``reads_image`` see the canvas directly: when a pixel is final its
-    value is stored in them (during the pixel's own steps they held the not yet decided channels,
-    which the masks ignore). A pixel's parameters are recomputed for every channel when the
-    model is ``subpixel`` (the head's channels depend on the network's sub-pixel outputs).
+    ``decoder.caches`` (whose layers keep their inputs), ``decoder.per_row`` (work shared by a
+    row) and, for a multi-scale model (given ``sizes``), ``decoder.scales`` (a
+    :class:`ScaleReuse`: work its coarser levels share between rows and pixels). The convolutions
+    in ``reads_image`` see the canvas directly: when a pixel is final its value is stored in them
+    (during the pixel's own steps they held the not yet decided channels, which the masks ignore).
+    A pixel's parameters are recomputed for every channel when the model is ``subpixel`` (the
+    head's channels depend on the network's sub-pixel outputs).
 
     The network's input of the canvas (``model.image``, which maps each pixel on its own) is
     computed once, [B, H, W, C'], and a pixel's is updated when its value changes: at its last
     channel, or at every channel when the model is ``subpixel``.
     """
 
-    def __init__(self, model, x: Tensor, labels: Tensor | None, reads_image: list[CausalConv2d]) -> None:
+    def __init__(self, model, x: Tensor, labels: Tensor | None, reads_image: list[CausalConv2d],
+                 sizes: list[tuple[int, int]] | None = None) -> None:
+        """``sizes``: a multi-scale model's size (rows, columns) at each level, finest first."""
         super().__init__(model, x, labels)
         _, H, W = model.image_shape
         self.caches = LayerCaches(model, len(x), H, W)
@@ -413,8 +447,8 @@ class ConvDecoder(Decoder):
         self.inputs = model.image(x).permute(0, 2, 3, 1).contiguous()  # [B, H, W, C']
         self.levels = x.permute(0, 2, 3, 1).view(len(x), H * W, -1).unbind(1)  # pixel h * W + w of x: [B, C] views
         self.params: Tensor | None = None
-        self.row, self.row_value = -1, None
-        self.state: dict[str, object] = {}  # the model's own decoding state beyond a row's (pixel_params)
+        self.row, self.row_value = -1, None  # the row per_row last computed, and its result
+        self.scales = None if sizes is None else ScaleReuse(sizes)
 
     def pixel(self, h: int, w: int) -> Tensor:
         """The canvas at pixel (h, w) as the network's input (``model.image``): [B, C']."""
@@ -424,11 +458,11 @@ class ConvDecoder(Decoder):
         """The canvas's row h as the network's input: [B, C', 1, W]."""
         return self.inputs[:, h : h + 1].permute(0, 3, 1, 2)
 
-    def per_row(self, h: int, compute: Callable[[], object]) -> object:
-        """``compute()`` once for row h (the rows above are final), its result reused for the row.
-        While it runs, ``row_value`` is the previous row's result (None before the first)."""
+    def per_row(self, h: int, compute: Callable[[object], object]) -> object:
+        """``compute(previous)`` once for row h (the rows above are final), its result reused for
+        the row; ``previous`` is the previous row's result (None at the first row)."""
         if self.row != h:
-            self.row, self.row_value = h, compute()
+            self.row, self.row_value = h, compute(self.row_value)
         return self.row_value
 
     def conditional(self, step: int, c: int, h: int, w: int) -> Tensor:

@@ -272,7 +272,7 @@ class GatedPixelCNN(AutoregressiveModel):
     def pixel_params(self, decoder: ConvDecoder, h: int, w: int) -> Tensor:
         """The vertical stack once per row (on the complete row above), the horizontal stack at the
         pixel."""
-        def vertical_above() -> list[Tensor]:
+        def vertical_above(previous: object) -> list[Tensor]:
             if h == 0:
                 width = self.image_shape[2]
                 return [decoder.x.new_zeros(len(decoder.x), layer.link.in_channels, 1, width, dtype=self.dtype)

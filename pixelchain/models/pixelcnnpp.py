@@ -200,32 +200,28 @@ class PixelCNNPP(AutoregressiveModel):
         return self.ul_stream(image, self.u_stream(image))[0]
 
     def decoder(self, x: Tensor, labels: Tensor | None = None) -> Decoder:
-        return ConvDecoder(self, x, labels, [self.u_init, self.ul_init_up, self.ul_init_left])
+        return ConvDecoder(self, x, labels, [self.u_init, self.ul_init_up, self.ul_init_left], self.sizes)
 
     def pixel_params(self, decoder: ConvDecoder, h: int, w: int) -> Tensor:
         """The u stream once per row (every scale's row under the cursor), the ul stream at the pixel.
 
-        Level s's row, h >> s, is the previous row's unless 2^s divides h: the u stream computes
-        the levels up to the largest such s and reuses the previous row's coarser ones. Likewise
-        level s's place (h >> s, w >> s) is new only when 2^s divides h and w; at its first pixel
-        the ul stream computes it (its inputs are final then) and ``decoder.state`` keeps its up
-        pass's output by column, which the place's other pixels reuse (Fast PixelCNN++)."""
-        levels = len(self.ul_down)
+        ``decoder.scales`` says which levels are new: the u stream computes the levels whose row is
+        new and reuses the previous row's coarser ones; the ul stream computes the levels whose
+        place is new (its inputs are final at the place's first pixel) and keeps their up pass's
+        outputs there, which the place's other pixels reuse (Fast PixelCNN++)."""
+        scales = decoder.scales
 
-        def u_rows() -> tuple[list[Tensor], list[tuple[Tensor, ...]]]:  # and each row column by column
-            fresh = (h & -h).bit_length()  # levels 0 .. fresh - 1 have a new row (all when h = 0)
-            reuse = (fresh, decoder.row_value[0]) if h and fresh < levels else None
+        def u_rows(previous) -> tuple[list[Tensor], list[tuple[Tensor, ...]]]:  # and each row column by column
+            fresh = scales.new_levels(h)
+            reuse = (fresh, previous[0]) if fresh < scales.levels else None
             outputs = self.u_stream(decoder.image_row(h), decoder.caches.at(h, None), reuse)
             return outputs, [u[:, :, 0].unbind(2) for u in outputs]
 
         columns = decoder.per_row(h, u_rows)[1]
-        fresh = min(((h | w) & -(h | w)).bit_length() or levels, levels)  # levels with a new place
-        if "ul_up" not in decoder.state:  # each level's up-pass outputs by column, of its current places
-            decoder.state["ul_up"] = [[None] * self.sizes[s][1] for s in range(levels)]
-        ups = decoder.state["ul_up"]
-        reuse = (fresh, ups[fresh][w >> fresh]) if fresh < levels else None
+        fresh = scales.new_levels(h, w)
+        reuse = (fresh, scales.place(fresh, w)) if fresh < scales.levels else None
         u_here = [u[w >> s] for u, s in zip(columns, self.block_scales, strict=True) if s < fresh]
         params, new = self.ul_stream(decoder.pixel(h, w), u_here, decoder.caches.at(h, w), reuse)
         for s, up in zip(range(fresh - 1, 0, -1), new, strict=False):  # coarsest first; level 0 is not reused
-            ups[s][w >> s] = up
+            scales.keep(s, w, up)
         return params
