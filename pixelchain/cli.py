@@ -36,7 +36,14 @@ from PIL import Image
 
 from . import adaptive, attacks, checkpoint, codec, data, defend, masks, ood, plots, runtime, score
 from .classifiers import Classifier, list_classifiers
-from .io import count_images, dataset_split, read_images, read_integers, read_labels  # noqa: F401 - importable from here too
+from .io import (  # noqa: F401 - importable from here too
+    count_images,
+    dataset_split,
+    read_images,
+    read_integers,
+    read_labels,
+    read_model_images,
+)
 from .models import describe, list_models
 from .models.base import DECODE_BATCH, check_images
 from .run_dir import STATE, RunDir, result_record
@@ -166,15 +173,13 @@ def class_labels(model: torch.nn.Module, args, n: int, images: str | None = None
     return read_labels(images, args.labels, n)
 
 
-def model_images(model: torch.nn.Module, args) -> torch.Tensor:
-    """IMAGES (``args.images``) in the model's levels: mapped by --num-levels / --binarize as
-    ``train`` maps a dataset, from the dataset's levels or the images' own (8- or 16-bit)."""
-    x = read_images(args.images, model.image_shape[0])
-    name = args.images.split(":")[0]
-    native = (data.sources.SOURCES[name].num_levels if ":" in args.images and name in data.list_datasets()
-              else score.source_levels(x))
-    x = score.to_model_levels(x, native, model.num_levels, args.num_levels, args.binarize)
-    check_images(x[:1], model.image_shape, model.num_levels)  # shape and levels, before any work
+def model_images(model: torch.nn.Module, args, spec: str | None = None) -> torch.Tensor:
+    """IMAGES (``spec``, default ``args.images``) in the model's levels by io.read_model_images's
+    rule (--num-levels / --binarize as ``train`` maps a dataset; else deeper images quantised),
+    their shape and levels checked before any work."""
+    spec = args.images if spec is None else spec
+    x = read_model_images(spec, model.image_shape[0], model.num_levels, args.num_levels, args.binarize)
+    check_images(x[:1], model.image_shape, model.num_levels)
     return x
 
 
@@ -365,7 +370,7 @@ def reference_images(args, model: torch.nn.Module) -> tuple[torch.Tensor, str]:
     split of the run's dataset as it trained on it (levels, binarisation, its own images), its first
     DETECT_REFERENCE images."""
     if args.reference:
-        return read_images(args.reference, model.image_shape[0], model.num_levels), args.reference
+        return model_images(model, args, args.reference), args.reference
     dataset = run_dataset(args.run)
     return load_split(dataset, "valid").images[:DETECT_REFERENCE], f"{dataset['name']}:valid[:{DETECT_REFERENCE}]"
 
@@ -380,7 +385,7 @@ def cmd_detect(args) -> None:
     if background_name and (args.score == "ratio" or args.score == "combined" and "ratio" in ood.COMBINED):
         background = checkpoint.load(background_name, runtime.pick_device(args.device))
     # the images are checked before the reference's work
-    x = model.check_input(read_images(args.images, model.image_shape[0], model.num_levels))[0]
+    x = model_images(model, args)
     reference, reference_name = reference_images(args, model)
     detector = ood.Detector(model, reference, args.score, background=background, codec=args.codec,
                             batch_size=args.batch_size, progress=True)
@@ -420,7 +425,7 @@ def save_levels(path: Path, x: torch.Tensor, num_levels: int) -> None:
 
 def cmd_attack(args) -> None:
     classifier = load_classifier(args.classifier, runtime.pick_device(args.device))
-    x = read_images(args.images, classifier.image_shape[0], classifier.num_levels)
+    x = model_images(classifier, args)
     y = read_labels(args.images, args.labels, len(x))
     if args.method in adaptive.METHODS:
         return adaptive_attack(args, classifier, x, y)
@@ -476,7 +481,7 @@ def adaptive_attack(args, classifier: Classifier, x: torch.Tensor, y: torch.Tens
 
 def cmd_purify(args) -> None:
     model = checkpoint.load(args.run, runtime.pick_device(args.device))
-    x = read_images(args.images, model.image_shape[0], model.num_levels)
+    x = model_images(model, args)
     if args.classifier:  # its errors (a density model, labels missing or mismatched) before decoding
         classifier = load_classifier(args.classifier, runtime.pick_device(args.device))
         y = read_labels(args.images, args.labels, len(x))
@@ -605,6 +610,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "they update at most once every 30 s)")
     on_device = argparse.ArgumentParser(add_help=False, parents=[common])
     on_device.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto (the default)")
+    # how IMAGES reach a model's levels (io.read_model_images): one rule for every command
+    mapped = argparse.ArgumentParser(add_help=False)
+    mapped.add_argument("--num-levels", type=int, help="map IMAGES to this many levels, as train maps a dataset "
+                        "(default: images deeper than the model's levels are quantised to them)")
+    mapped.add_argument("--binarize", choices=["threshold", "dynamic"], help="binarise IMAGES, as train does")
 
     p = sub.add_parser("train", parents=[on_device],
                        help="train a model by maximum likelihood, then report the test NLL")
@@ -661,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "RUN_samples.png here, numbered rather than overwritten")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("complete", parents=[on_device],
+    p = sub.add_parser("complete", parents=[on_device, mapped],
                        help="complete images with a region missing (--mask): test images or IMAGES")
     p.add_argument("run")
     p.add_argument("images", nargs="?", help=f"images to complete (default: -n of the run's test split): "
@@ -675,8 +685,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive, default=DECODE_BATCH, help="images decoded at once")
     p.add_argument("--split", default="test")
     p.add_argument("--dataset")
-    p.add_argument("--num-levels", type=int, help="quantise IMAGES to this many levels, as train does")
-    p.add_argument("--binarize", choices=["threshold", "dynamic"], help="binarise IMAGES, as train does")
     p.add_argument("--label", type=int, help="class of every image, for a class-conditional model")
     p.add_argument("--labels", help="classes of IMAGES, a .npy of integers [N] (default: the dataset split's)")
     p.add_argument("--temperature", type=float, default=1.0, help=temperature_help)
@@ -687,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "image i's S in rows i*S...) / .npz (also observed, labels); default: RUN_completions.png here")
     p.set_defaults(func=cmd_complete)
 
-    p = sub.add_parser("attack", parents=[on_device],
+    p = sub.add_parser("attack", parents=[on_device, mapped],
                        help="adversarial examples for a classifier (ART; pip install -e '.[defend]')")
     p.add_argument("classifier", help="classifier: run directory or shipped checkpoint name (e.g. fmnist_resnet)")
     p.add_argument("images", help=images_help)
@@ -712,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the surrogate's softmax temperature")
     p.set_defaults(func=cmd_attack)
 
-    p = sub.add_parser("detect", parents=[on_device],
+    p = sub.add_parser("detect", parents=[on_device, mapped],
                        help="out-of-distribution / adversarial detection: scores and p-values under a "
                        "density model")
     p.add_argument("run", help="density model: run directory or shipped checkpoint name")
@@ -730,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive, default=256)
     p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("purify", parents=[on_device],
+    p = sub.add_parser("purify", parents=[on_device, mapped],
                        help="PixelDefend purification: each pixel the most likely value within eps")
     p.add_argument("run", help="density model: run directory or shipped checkpoint name")
     p.add_argument("images", help=images_help)

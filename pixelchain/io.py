@@ -203,25 +203,71 @@ def read_array(path: Path) -> tuple[np.ndarray, np.ndarray | None, int | None]:
     return images, labels, levels
 
 
-def read_images(spec: str, channels: int, num_levels: int | None = None) -> torch.Tensor:
-    """Images int64 [N, C, H, W] from ``spec``: a dataset split ``NAME:SPLIT`` or ``NAME:SPLIT[A:B]``
-    (e.g. ``fashion_mnist:test[:1000]``), a ``.npy`` / ``.npz`` of integer levels, an image file, or a
-    folder of images (sorted by name; grey when ``channels`` is 1, else colour). Image files deeper
-    than ``num_levels`` are quantised to it (floor(x * num_levels / levels)); shallower ones refused."""
+def read_images_and_levels(spec: str, channels: int) -> tuple[torch.Tensor, int | None]:
+    """Images int64 [N, C, H, W] from ``spec`` as they are, and the levels they come in (None when
+    unknown): a dataset split ``NAME:SPLIT`` or ``NAME:SPLIT[A:B]`` (e.g. ``fashion_mnist:test[:1000]``;
+    the dataset's levels), a ``.npy`` of integer levels (unknown) or ``.npz`` (its ``num_levels``,
+    if any), an image file or a folder of images (sorted by name; grey when ``channels`` is 1, else
+    colour; their bit depth)."""
     path = Path(spec)
     if path.suffix.lower() in ARRAY_SUFFIXES:
-        return torch.from_numpy(read_array(path)[0].astype(np.int64))
+        images, _, levels = read_array(path)
+        return torch.from_numpy(images.astype(np.int64)), levels
     if path.is_dir() or (path.is_file() and is_image_file(path)):
         array, levels = read_image_files(image_files(path) if path.is_dir() else [path], channels)
-        x = torch.from_numpy(array.astype(np.int64))
-        if num_levels is None or levels == num_levels:
-            return x
-        if levels < num_levels:
-            raise ValueError(f"{spec}: images of {levels} levels for a model of {num_levels}; give images of at "
-                             f"least {num_levels} levels")
-        return data.quantize(x, levels, num_levels)
+        return torch.from_numpy(array.astype(np.int64)), levels
     split, rows = dataset_split(spec)
-    return split.images[rows]
+    return split.images[rows], split.num_levels
+
+
+def read_images(spec: str, channels: int) -> torch.Tensor:
+    """The images of :func:`read_images_and_levels`, unmapped (what ``compress`` codes losslessly)."""
+    return read_images_and_levels(spec, channels)[0]
+
+
+def source_levels(x: torch.Tensor) -> int:
+    """The levels integer images of unknown depth come in, judged by their largest value: 2 (0/1),
+    256 (8-bit) or 65536 (16-bit)."""
+    top = int(x.max()) if x.numel() else 0
+    for levels in (2, 256, 65536):
+        if top < levels:
+            return levels
+    raise ValueError(f"image values up to {top}: expected 8- or 16-bit levels")
+
+
+def read_model_images(spec: str, channels: int, levels: int, num_levels: int | None = None,
+                      binarize: str | None = None) -> torch.Tensor:
+    """IMAGES in a model's ``levels``: the one rule of every command that scores, completes,
+    attacks, detects or purifies images.
+
+    * ``num_levels`` / ``binarize`` (``--num-levels``, ``--binarize``) given: the images are mapped
+      from the levels they come in as ``train`` maps a dataset; the result must have ``levels``.
+    * Else images whose levels are known (a dataset split, an image file's depth, an ``.npz`` with
+      ``num_levels``) and deeper than the model's are quantised as ``--num-levels LEVELS`` would,
+      floor(x * levels / theirs) (for 2 levels: x >= half, the threshold binarisation); shallower
+      ones are refused.
+    * Else (a ``.npy``, or images in the model's levels) they are the model's levels as they are,
+      and a value at or above ``levels`` is refused, naming the flag that maps it.
+    """
+    x, known = read_images_and_levels(spec, channels)
+    if num_levels is not None or binarize is not None:
+        mapped = data.transform(data.ImageDataset(x, known or source_levels(x)), num_levels, binarize)
+        if mapped.num_levels != levels:
+            hint = f"--num-levels {levels}" + (" or --binarize threshold" if levels == 2 else "")
+            raise ValueError(f"{spec}: the mapped images have {mapped.num_levels} levels but the model takes "
+                             f"{levels}: pass {hint}")
+        return mapped.images
+    if known is not None and known > levels:
+        return data.quantize(x, known, levels)
+    if known is not None and known < levels:
+        raise ValueError(f"{spec}: images of {known} levels for a model of {levels}; give images of at least "
+                         f"{levels} levels")
+    top = int(x.max()) if x.numel() else 0
+    if top >= levels:
+        hint = "--binarize threshold (or dynamic)" if levels == 2 else f"--num-levels {levels}"
+        raise ValueError(f"{spec}: values reach {top} but the model takes {levels} levels: pass {hint} to map "
+                         f"them from {source_levels(x)} levels as training does (or save an .npz with num_levels)")
+    return x
 
 
 def read_labels(spec: str, labels: str | None, count: int) -> torch.Tensor:

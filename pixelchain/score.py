@@ -1,8 +1,9 @@
-"""Scoring one's own images: the levels a model takes, per-image log p(x) and bits/dim, and
-arrays and tables out (``pixelchain eval MODEL IMAGES``, ``--out`` of ``sample`` / ``complete``).
+"""Scoring one's own images: per-image log p(x) and bits/dim, and arrays and tables out
+(``pixelchain eval MODEL IMAGES``, ``--out`` of ``sample`` / ``complete``). Images reach a model's
+levels through ``io.read_model_images``.
 
-    x = to_model_levels(x, 256, model.num_levels, binarize="threshold")   # 0..255 -> {0, 1}
-    nll = -score.log_prob(model, x)                                       # float64 [N], nats
+    x = io.read_model_images("photos/", 1, model.num_levels)   # 8-bit files -> the model's levels
+    nll = -score.log_prob(model, x)                            # float64 [N], nats
 """
 
 from __future__ import annotations
@@ -16,40 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .data import ImageDataset
-from .data.transforms import transform
-
 ARRAY_SUFFIXES = (".npy", ".npz")
-
-
-def source_levels(x: Tensor) -> int:
-    """The levels integer images come in, judged by their largest value: 2 (0/1), 256 (8-bit) or
-    65536 (16-bit)."""
-    top = int(x.max()) if x.numel() else 0
-    for levels in (2, 256, 65536):
-        if top < levels:
-            return levels
-    raise ValueError(f"image values up to {top}: expected 8- or 16-bit levels")
-
-
-def to_model_levels(x: Tensor, from_levels: int, model_levels: int, num_levels: int | None = None,
-                    binarize: str | None = None) -> Tensor:
-    """Images int64 [N, C, H, W] in [0, from_levels) mapped as ``train`` maps a dataset: quantised
-    to ``num_levels`` or binarised (``binarize``: "threshold" or "dynamic"). Without either the
-    images must already lie in [0, model_levels); ValueError names the flag that maps them."""
-    if num_levels is None and binarize is None:
-        top = int(x.max()) if x.numel() else 0
-        if top >= model_levels:
-            hint = "--binarize threshold (or dynamic)" if model_levels == 2 else f"--num-levels {model_levels}"
-            raise ValueError(f"the images' values reach {top} ({from_levels} levels) but the model takes "
-                             f"{model_levels} levels: pass {hint} to map them as training does")
-        return x
-    mapped = transform(ImageDataset(x, from_levels), num_levels, binarize)
-    if mapped.num_levels != model_levels:
-        hint = f"--num-levels {model_levels}" + (" or --binarize threshold" if model_levels == 2 else "")
-        raise ValueError(f"the mapped images have {mapped.num_levels} levels but the model takes {model_levels}: "
-                         f"pass {hint}")
-    return mapped.images
 
 
 def check_density(model: nn.Module, what: str = "model") -> nn.Module:

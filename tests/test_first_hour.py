@@ -114,8 +114,9 @@ def test_eval_scores_a_slice_of_a_split_and_a_png_folder_alike(tmp_path, capsys)
     from PIL import Image
 
     test = pc.data.load("digits", "test")
-    for i in range(4):  # digits have 17 levels; as PNGs, scaled to 0..255 they would not be: write 0..16
-        Image.fromarray(test.images[i, 0].numpy().astype(np.uint8)).save(tmp_path / f"{i}.png")
+    for i in range(4):  # digits have 17 levels: as 8-bit intensities that quantise back to them
+        intensities = (test.images[i, 0] * 256 + 16) // 17  # ceil(v * 256 / 17): floor(x * 17 / 256) = v
+        Image.fromarray(intensities.numpy().astype(np.uint8)).save(tmp_path / f"{i}.png")
     model = pc.create("fully_visible", (1, 8, 8), 17)
     pc.save(model, tmp_path / "run", dataset={"name": "digits"})
     a = run_cli("eval", str(tmp_path / "run"), "digits:test[:4]", capsys=capsys).out.splitlines()[-1]

@@ -44,7 +44,7 @@ def test_sixteen_bit_images_keep_their_depth(tmp_path):
     assert Image.open(folder / "a.png").mode.startswith("I")
     ds = pc.data.from_images(folder)
     assert ds.num_levels == 65536 and ds.images[0, 0].tolist() == values.tolist()  # not clipped at 255
-    assert io.read_images(str(folder), 1, 256)[0, 0].tolist() == (values // 256).tolist()  # quantised
+    assert io.read_model_images(str(folder), 1, 256)[0, 0].tolist() == (values // 256).tolist()  # quantised
 
 
 def test_splits_are_deterministic_disjoint_and_cover_everything():
@@ -103,3 +103,43 @@ def test_a_folder_is_read_once_per_state_and_again_when_it_changes(tmp_path):
     Image.fromarray(255 - x[0]).save(tmp_path / "f" / "000.png")
     os.utime(tmp_path / "f" / "000.png", ns=(1, 1))  # a new modification time, whatever the clock's resolution
     assert pc.data.from_images(tmp_path / "f", "all").images[0, 0].tolist() == (255 - x[0]).tolist()
+
+
+def test_one_rule_maps_images_to_a_models_levels(tmp_path):
+    """io.read_model_images: known deeper levels are quantised as --num-levels would (for 2 levels,
+    the threshold binarisation), the flags map as train does, unknown-depth arrays must fit or
+    name the flag, shallower images are refused."""
+    x = digits_as_files(tmp_path / "files", 5)  # 8-bit files
+    files = str(tmp_path / "files")
+    as_levels = torch.from_numpy(x).long()
+    assert torch.equal(io.read_model_images(files, 1, 4)[:, 0], as_levels * 4 // 256)
+    assert torch.equal(io.read_model_images(files, 1, 2), io.read_model_images(files, 1, 2, binarize="threshold"))
+    assert torch.equal(io.read_model_images(files, 1, 4), io.read_model_images(files, 1, 4, num_levels=4))
+    np.save(tmp_path / "raw.npy", x)  # 0..255, depth unknown
+    with pytest.raises(ValueError, match="--num-levels 4"):
+        io.read_model_images(str(tmp_path / "raw.npy"), 1, 4)
+    assert torch.equal(io.read_model_images(str(tmp_path / "raw.npy"), 1, 4, num_levels=4)[:, 0], as_levels * 4 // 256)
+    with pytest.raises(ValueError, match="--binarize threshold"):
+        io.read_model_images(str(tmp_path / "raw.npy"), 1, 2)
+    with pytest.raises(ValueError, match="have 8 levels but the model takes 4"):
+        io.read_model_images(files, 1, 4, num_levels=8)
+    np.savez(tmp_path / "four.npz", images=x // 64, num_levels=4)
+    with pytest.raises(ValueError, match="images of 4 levels for a model of 256"):
+        io.read_model_images(str(tmp_path / "four.npz"), 1, 256)
+
+
+def test_every_command_reads_images_by_the_same_rule(tmp_path, capsys):
+    """The same 8-bit files, scored by eval and detect under a 4-level model: the same bits/dim."""
+    run = tmp_path / "four"
+    main(["train", "fully_visible", "--dataset", "digits", "--num-levels", "4", "--run-dir", str(run),
+          "--epochs", "1", "--no-figures", "--quiet"])
+    digits_as_files(tmp_path / "files", 5)
+    capsys.readouterr()
+    main(["eval", str(run), str(tmp_path / "files"), "--out", str(tmp_path / "eval.csv"), "--quiet"])
+    main(["detect", str(run), str(tmp_path / "files"), "--out", str(tmp_path / "detect"), "--quiet"])
+    evaluated = np.loadtxt(tmp_path / "eval.csv", delimiter=",", skiprows=1, usecols=2)
+    detected = [line for line in (tmp_path / "detect").rglob("*.csv")]
+    assert detected, "detect wrote no table"
+    text = detected[0].read_text().splitlines()
+    column = text[0].split(",").index("bits_per_dim")
+    assert np.allclose([float(r.split(",")[column]) for r in text[1:]], evaluated, atol=1e-4)
