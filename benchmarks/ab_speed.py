@@ -19,7 +19,6 @@ import importlib.util
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -27,6 +26,7 @@ import torch
 
 import pixelchain as pc
 import pixelchain.models as registry
+from benchmarks.common import Stopwatch
 from benchmarks.train_bmnist import PRESETS
 from pixelchain import runtime
 from pixelchain.train import adam
@@ -94,9 +94,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for what, run in work.items():
             for key in models:
-                start = time.perf_counter()
-                run(key)
-                seconds[key, what].append(time.perf_counter() - start)
+                with Stopwatch() as t:
+                    run(key)
+                seconds[key, what].append(t.seconds)
     print(f"{args.preset} {hparams}, batch {batch}, one thread, best of {args.rounds} interleaved rounds:")
     for what in work:
         images = args.steps * batch if what == "train" else len(valid)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from functools import partial
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import pixelchain as pc
-from benchmarks.common import machine, write_section
+from benchmarks.common import Stopwatch, machine, write_section
 from pixelchain import adaptive, defend, runtime
 from pixelchain.plots import COLOURS
 
@@ -86,10 +85,10 @@ def cached_attack(path: Path, run) -> dict:
         summary = json.loads(json_path.read_text())
         arrays = np.load(npz_path)
         return {**summary, **{k: torch.from_numpy(arrays[k]) for k in arrays.files}}
-    start = time.perf_counter()
-    result = run()
+    with Stopwatch() as t:
+        result = run()
     summary = {"accuracy": result.accuracy, "curve": result.curve, "purified": result.purified,
-               "seconds": time.perf_counter() - start}
+               "seconds": t.seconds}
     arrays = {"robust": result.robust.numpy(), "x_adv": result.x_adv.numpy().astype(np.uint8),
               "last": result.last.numpy().astype(np.uint8)}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -79,17 +79,41 @@ def matmul_gflops(repeats: int = 20) -> float:
     return 2 * 128 * 784 * 8000 / seconds / 1e9
 
 
+class Stopwatch:
+    """The benchmarks' one timer, of wall time with queued GPU work included: of a block,
+    ``with Stopwatch() as t: ...`` then ``t.seconds``; or running since it was made,
+    ``t = Stopwatch()`` ... ``t.seconds``."""
+
+    def __init__(self) -> None:
+        self.start, self.end = time.perf_counter(), None
+
+    def __enter__(self) -> Stopwatch:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end = self._now()
+
+    @staticmethod
+    def _now() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return (self._now() if self.end is None else self.end) - self.start
+
+
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> float:
     """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        with Stopwatch() as t:
+            fn()
+        times.append(t.seconds)
     return statistics.median(times)
 
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import numpy as np
 import torch
 
 import pixelchain as pc
-from benchmarks.common import machine, write_section
+from benchmarks.common import Stopwatch, machine, write_section
 from pixelchain import checkpoint, codec
 from pixelchain.cli import read_images
 
@@ -57,32 +56,29 @@ def measure_codecs(x: np.ndarray) -> dict:
     """name -> (bits/pixel per image, bits/pixel whole set, images/s encode, images/s decode, whole-set layout)."""
     pixels, results = x.size, {}
     for name, (encode, decode) in codecs().items():
-        start = time.perf_counter()
-        files = [encode(a) for a in x]
-        encode_s = time.perf_counter() - start
-        start = time.perf_counter()
-        for f in files:
-            decode(f)
-        decode_s = time.perf_counter() - start
+        with Stopwatch() as encoding:
+            files = [encode(a) for a in x]
+        with Stopwatch() as decoding:
+            for f in files:
+                decode(f)
         layout = "tall"
         try:
             whole = encode(x.reshape(-1, x.shape[2]))
         except Exception:  # noqa: BLE001 (e.g. WebP's 16383-pixel limit): one mosaic image instead
             whole, layout = encode(mosaic(x)), "mosaic"
-        results[name] = (8 * sum(map(len, files)) / pixels, 8 * len(whole) / pixels, len(x) / encode_s,
-                         len(x) / decode_s, layout)
+        results[name] = (8 * sum(map(len, files)) / pixels, 8 * len(whole) / pixels, len(x) / encoding.seconds,
+                         len(x) / decoding.seconds, layout)
     return results
 
 
 def measure_model(model_name: str, x: torch.Tensor, batch_size: int, per_image: int) -> dict:
     model = pc.load(model_name)
     pixels = x.numel()
-    start = time.perf_counter()
-    data = pc.compress(model_name, x, batch_size=batch_size, progress=True)
-    compress_s = time.perf_counter() - start
-    start = time.perf_counter()
-    restored = pc.decompress(data, progress=True)
-    decompress_s = time.perf_counter() - start
+    with Stopwatch() as compressing:
+        data = pc.compress(model_name, x, batch_size=batch_size, progress=True)
+    with Stopwatch() as decompressing:
+        restored = pc.decompress(data, progress=True)
+    compress_s, decompress_s = compressing.seconds, decompressing.seconds
     payload, rest = codec.payload_bits(data)
     one_each = pc.compress(model_name, x[:per_image], batch_size=1) if per_image else None
     return {
@@ -105,14 +101,13 @@ def round_trips(n: int) -> list[str]:
             continue
         dataset = config["dataset"]["name"]
         x = read_images(f"{dataset}:test[:{n}]", model.image_shape[0])
-        start = time.perf_counter()
-        data = pc.compress(model, x, batch_size=n)
-        ok = torch.equal(pc.decompress(data), x)
-        seconds = time.perf_counter() - start
+        with Stopwatch() as t:
+            data = pc.compress(model, x, batch_size=n)
+            ok = torch.equal(pc.decompress(data), x)
         payload, _ = codec.payload_bits(data)
         ideal = codec.ideal_bits(model, x)
         rows.append(f"| {name} | {dataset} | {n} | {'yes' if ok else '**NO**'} | {ideal / x.numel():.4f} | "
-                    f"{payload / x.numel():.4f} | {100 * (payload / ideal - 1):+.2f}% | {seconds:.1f} |")
+                    f"{payload / x.numel():.4f} | {100 * (payload / ideal - 1):+.2f}% | {t.seconds:.1f} |")
         print(rows[-1], flush=True)
     return rows
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+from collections.abc import Callable
 
 import torch
 
 import pixelchain as pc
 from benchmarks import peer
-from benchmarks.common import machine, median_time, write_section
+from benchmarks.common import Stopwatch, machine, median_time, write_section
 from benchmarks.train_bmnist import PRESETS
 from pixelchain import runtime
 from pixelchain.decode import MostLikelyInWindow, NaiveDecoder, Sample, decode
@@ -49,10 +49,10 @@ def naive_seconds(model, batch: int, steps: int, policy=None) -> float:
     order = model.decoding_order()
     with torch.no_grad(), intra_op_threads(threads_for(model.op_work(batch), "evaluate")):
         decoder.conditional(0, *order[0])  # warm-up
-        start = time.perf_counter()
-        for step, (c, h, w) in enumerate(order[:steps]):
-            x[:, c, h, w] = policy(decoder.conditional(step, c, h, w), c, h, w)
-    return (time.perf_counter() - start) / steps * len(order)
+        with Stopwatch() as t:
+            for step, (c, h, w) in enumerate(order[:steps]):
+                x[:, c, h, w] = policy(decoder.conditional(step, c, h, w), c, h, w)
+    return t.seconds / steps * len(order)
 
 
 class _Stop(Exception):
@@ -74,12 +74,14 @@ def peer_sample_seconds(model, batch: int, budget: float) -> str:
     def first_steps() -> float | None:
         """Seconds of the first ``limit`` steps, or None when the sampler finished before."""
         calls[0] = 0
-        start = time.perf_counter()
-        try:
-            peer.sample(model, batch)
-        except _Stop:
-            return time.perf_counter() - start
-        return None
+        with Stopwatch() as t:
+            try:
+                peer.sample(model, batch)
+            except _Stop:
+                stopped = True
+            else:
+                stopped = False
+        return t.seconds if stopped else None
 
     model.forward = counted
     try:
@@ -174,10 +176,11 @@ def purify_row(batch: int, naive_steps: int) -> str:
             "≥ 30× | | |")
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds of one call of ``fn()``."""
+    with Stopwatch() as t:
+        fn()
+    return t.seconds
 
 
 if __name__ == "__main__":

@@ -13,18 +13,17 @@ copied there after each run); each run is resumable (``--resume``).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 import pixelchain as pc
-from benchmarks.common import RECORDS, keep_record, machine, write_section
+from benchmarks.common import RECORDS, Stopwatch, keep_record, machine, write_section
 from pixelchain import runtime
 from pixelchain.checkpoint import build
 from pixelchain.plots import write_figures
-from pixelchain.run_dir import RunDir, result_record
+from pixelchain.run_dir import RESULT, RunDir, result_record
 
 RUNS = {
     "fvsbn_caltech": ("fvsbn", "caltech101_silhouettes", {}, {"batch_size": 50, "lr": 3e-3, "lr_decay": 0.97,
@@ -54,25 +53,26 @@ def main() -> None:
         torch.manual_seed(0)
         model = build(name, train.image_shape, train.num_levels, **hparams)
         run_dir = Path(args.runs_dir) / label
-        start = time.perf_counter()
-        summary = pc.fit(model, train, valid, run_dir=run_dir, epochs=args.epochs, patience=8,
-                         max_time=args.max_time, resume=args.resume, progress=False, checkpoint_seconds=600,
-                         info={"dataset": {"name": dataset}}, **settings)
-        metrics = pc.evaluate(model, test)
-        RunDir(run_dir).write_result(result_record(model, summary, metrics, run=label, dataset=dataset, train=settings,
-                                                   machine=machine(), date=time.strftime("%Y-%m-%d")))
-        keep_record(run_dir, "fully_visible")
-        if model.kind == "density":
-            write_figures(model, test, run_dir, torch.Generator().manual_seed(0))
-        print(label, metrics, f"{time.perf_counter() - start:.0f} s", flush=True)
+        with Stopwatch() as watch:
+            summary = pc.fit(model, train, valid, run_dir=run_dir, epochs=args.epochs, patience=8,
+                             max_time=args.max_time, resume=args.resume, progress=False, checkpoint_seconds=600,
+                             info={"dataset": {"name": dataset}}, **settings)
+            metrics = pc.evaluate(model, test)
+            record = result_record(model, summary, metrics, run=label, dataset=dataset, train=settings,
+                                   machine=machine(), date=time.strftime("%Y-%m-%d"))
+            RunDir(run_dir).write_result(record)
+            keep_record(run_dir, "fully_visible")
+            if model.kind == "density":
+                write_figures(model, test, run_dir, torch.Generator().manual_seed(0))
+        print(label, metrics, f"{watch.seconds:.0f} s", flush=True)
 
     rows = ["| run | model | dataset | training (batch, lr, decay per epoch, L2 on weights) | test | epochs "
             "| training time | machine |", "|---|---|---|---|---|---|---|---|"]
     for label in RUNS:
-        path = RECORDS / "fully_visible" / label / "result.json"
-        if not path.exists():
+        record = RunDir(RECORDS / "fully_visible" / label)
+        if not (record / RESULT).exists():
             continue
-        r = json.loads(path.read_text())
+        r = record.read_result()
         m = r["test"]
         score = (f"accuracy **{m['accuracy']:.2%}**, NLL {m['nll']:.3f} nats" if "accuracy" in m
                  else f"**{m['nll']:.2f} nats**, {m['bits_per_dim']:.3f} bits/dim")

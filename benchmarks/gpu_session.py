@@ -27,7 +27,6 @@ order of ``JOBS``; weights that do not fit stay there, their records come back) 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -42,7 +41,7 @@ from benchmarks.common import SHARED_DATA
 from benchmarks.continue_runs import JOBS as CONTINUED
 from benchmarks.continue_runs import WARMUP, seed_from_shipped
 from pixelchain.checkpoint import PRETRAINED_DIR
-from pixelchain.run_dir import CONFIG, METRICS, RESULT, STATE, WEIGHTS
+from pixelchain.run_dir import CONFIG, METRICS, RESULT, STATE, WEIGHTS, RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 CARRIED_DATA = ROOT / ".carry" / "data"  # .carry/ is ignored by git; name it in the run's carry
@@ -103,9 +102,9 @@ def start_option(job: Job, runs: Path) -> list[str] | None:
     if (runs / job.name / STATE).is_file():
         return ["--resume"]
     shipped = shipped_name(job)
-    result = PRETRAINED_DIR / shipped / RESULT if shipped else None
-    if result is not None and result.is_file():
-        return None if json.loads(result.read_text())["finished"] else ["--from-shipped"]
+    source = RunDir(PRETRAINED_DIR / shipped) if shipped else None
+    if source is not None and (source / RESULT).is_file():
+        return None if source.read_result()["finished"] else ["--from-shipped"]
     return []
 
 
@@ -122,7 +121,7 @@ def command(job: Job, runs: Path, option: list[str], device: str, seconds: float
         seed_from_shipped(next(j for j in CONTINUED if j.name == job.shipped), run_dir)
         option = ["--resume"]
     if option == ["--resume"]:
-        model = json.loads((run_dir / CONFIG).read_text())["model"]
+        model = RunDir(run_dir).read_config()["model"]
         return [sys.executable, "-m", "pixelchain.cli", "train", model, "--resume", "--run-dir", str(run_dir),
                 "--quiet", *common]
     return [sys.executable, "-m", "pixelchain.cli", "train", *job.train, "--run-dir", str(run_dir), "--quiet",
@@ -189,7 +188,7 @@ def pack(runs: Path, names: list[str], out: Path) -> list[str]:
             if not (run / RESULT).is_file():
                 lines.append(f"{name}: no result (see its train.log)")
                 continue
-            line, weights = describe(name, json.loads((run / RESULT).read_text())), run / WEIGHTS
+            line, weights = describe(name, RunDir(run).read_result()), run / WEIGHTS
             nbytes = weights.stat().st_size + 4096 if weights.is_file() else 0
             if not nbytes:
                 line += "; no weights"

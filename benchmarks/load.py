@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 
 import pixelchain as pc
-from benchmarks.common import machine, write_section
+from benchmarks.common import Stopwatch, machine, write_section
 from benchmarks.train_bmnist import PRESETS
 from pixelchain import runtime
 from pixelchain.runtime import intra_op_threads, threads_for
@@ -94,15 +94,15 @@ def seconds(fn: Callable[[], object], repeats: int, limit: float) -> float:
     times = []
     signal.signal(signal.SIGALRM, _cut)
     for _ in range(repeats):
-        start = time.perf_counter()
         signal.setitimer(signal.ITIMER_REAL, limit)
         try:
-            fn()
+            with Stopwatch() as t:
+                fn()
         except _Cut:
             return math.inf
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-        times.append(time.perf_counter() - start)
+        times.append(t.seconds)
     return statistics.median(times)
 
 

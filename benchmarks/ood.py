@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import pixelchain as pc
-from benchmarks.common import machine, write_section
+from benchmarks.common import Stopwatch, machine, write_section
 from pixelchain import attacks, ood
 from pixelchain.defend import auroc
 
@@ -96,7 +95,7 @@ def cached_features(cache: Path, tag: str, name: str, x: torch.Tensor, model, ba
     (the background's bits/dim apart, so a new background model reuses the rest)."""
     stem = cache / f"{tag}_{''.join(c if c.isalnum() else '_' for c in name)}"
     path, bg_path, flip_path = stem.with_suffix(".pt"), Path(f"{stem}_background.pt"), Path(f"{stem}_flipped.pt")
-    start = time.perf_counter()
+    watch = Stopwatch()
     if path.exists():  # a cached larger draw of the same set: its first len(x)
         f = ood.Features(**{k: v[: len(x)] for k, v in torch.load(path).items()})
     else:
@@ -110,8 +109,8 @@ def cached_features(cache: Path, tag: str, name: str, x: torch.Tensor, model, ba
     if not flip_path.exists():
         torch.save(ood.nll_map(model, x.flip(2), 250).double().flatten(1).mean(1), flip_path)
     f.flipped_bpd = torch.load(flip_path)
-    if time.perf_counter() - start > 1:
-        print(f"  features of {name} ({len(x)} images) in {time.perf_counter() - start:.1f} s", flush=True)
+    if watch.seconds > 1:
+        print(f"  features of {name} ({len(x)} images) in {watch.seconds:.1f} s", flush=True)
     return f
 
 

@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 import pixelchain as pc
-from benchmarks.common import machine, write_section
+from benchmarks.common import Stopwatch, machine, write_section
 from benchmarks.decoding import naive_seconds
 from pixelchain import attacks, checkpoint, defend, plots, runtime
 
@@ -90,9 +89,9 @@ class Bench:
 
     def purify(self, x: torch.Tensor, eps: int) -> torch.Tensor:
         def run() -> torch.Tensor:
-            start = time.perf_counter()
-            out = defend.purify(self.model, x, eps, batch_size=self.args.batch_size)
-            self.record_timing("cached", len(x), time.perf_counter() - start)
+            with Stopwatch() as t:
+                out = defend.purify(self.model, x, eps, batch_size=self.args.batch_size)
+            self.record_timing("cached", len(x), t.seconds)
             return out
 
         return cached(self.cache / "purified" / f"{self.key(x)}_eps{eps}.npy", run)

@@ -15,11 +15,11 @@ the records, so a run measured in one session is still reported in the next.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 from benchmarks.common import RECORDS, keep_record, write_section
+from pixelchain.run_dir import METRICS, RESULT, RunDir
 
 # Published static-bMNIST test NLLs (nats): Larochelle & Murray 2011 (FVSBN, NADE), Germain et al.
 # 2015 (MADE), van den Oord et al. 2016 (PixelCNN, Row LSTM, Diagonal BiLSTM); the 79.17 for a
@@ -41,8 +41,7 @@ def remaining(run: Path, r: dict, target: float) -> str:
     slope needs to take the test NLL to ``target``, and their time at the run's seconds per epoch.
     A lower bound: these curves flatten. Runs of under two epochs are too early to extrapolate."""
     best, curve = math.inf, []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        point = json.loads(line)
+    for point in RunDir(run).read_metrics():
         if "valid_nll" in point:
             best = min(best, point["valid_nll"])
             curve.append((point["epoch"], best))
@@ -65,7 +64,7 @@ def remaining(run: Path, r: dict, target: float) -> str:
 
 
 def curve(run: Path, points: int = 8) -> str:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = RunDir(run).read_metrics()
     step = max(1, len(records) // points)
     shown = records[::step] + ([records[-1]] if (len(records) - 1) % step else [])
     cells = [f"{r['time'] / 60:.0f} min: {r.get('valid_nll', float('nan')):.2f} / {r.get('test_nll', float('nan')):.2f}"
@@ -80,13 +79,13 @@ def main() -> None:
     parser.add_argument("--notes", default=str(Path(__file__).with_name("bmnist_notes.md")),
                         help="markdown file shown under the table (how the runs were made, what they miss)")
     args = parser.parse_args()
-    for result in Path(args.runs_dir).glob("*/result.json"):
+    for result in Path(args.runs_dir).glob(f"*/{RESULT}"):
         keep_record(result.parent, "bmnist")
-    runs = sorted(p.parent for p in (RECORDS / "bmnist").glob("*/result.json"))
+    runs = sorted(p.parent for p in (RECORDS / "bmnist").glob(f"*/{RESULT}"))
+    results = {run: RunDir(run).read_result() for run in runs}
     rows = ["| run | model | architecture | parameters | test NLL (nats) | published | epochs | training time "
             "| img/s (evaluations included) | device |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for run in runs:
-        r = json.loads((run / "result.json").read_text())
+    for r in results.values():
         arch = ", ".join(f"{k}={v}" for k, v in r["hparams"].items()) or "-"
         published = PUBLISHED.get(r["preset"], PUBLISHED.get(r["model"]))
         mark = "" if published is None else (" ✓" if r["test"]["nll"] <= published else "")
@@ -98,13 +97,12 @@ def main() -> None:
                     f"| {r['images_per_s']:.0f} | {device} |")
     notes = Path(args.notes).read_text().strip() if args.notes else ""
     body = "\n".join(rows) + "\n\n" + (notes + "\n\n" if notes else "")
-    results = {run: json.loads((run / "result.json").read_text()) for run in runs}
     missed = []  # runs whose target no run of their model has reached
     for run, r in results.items():
         target = PUBLISHED.get(r["preset"], PUBLISHED.get(r["model"], AIMS.get(r["model"])))
         reached = target is None or any(o["model"] == r["model"] and o["test"]["nll"] <= target
                                         for o in results.values())
-        if not reached and not r.get("refit_on") and (run / "metrics.jsonl").is_file():
+        if not reached and not r.get("refit_on") and (run / METRICS).is_file():
             missed.append(remaining(run, r, target))
     body += ("What remains to each missed figure (aims where none is published: " +
              ", ".join(f"{m} {a}" for m, a in AIMS.items()) + "), at each run's recent validation slope and "
@@ -112,7 +110,7 @@ def main() -> None:
              "flatten:\n\n| run | device | test NLL | target | gap | valid slope, nats/epoch | time per epoch "
              "| epochs at that slope | time |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(missed) + "\n\n")
     body += "NLL against training time (best-validation weights are what the table reports):\n\n"
-    body += "\n".join(curve(run) for run in runs if (run / "metrics.jsonl").is_file())
+    body += "\n".join(curve(run) for run in runs if (run / METRICS).is_file())
     write_section("bmnist", body)
     print("\n".join(rows))
 

@@ -22,7 +22,6 @@ import argparse
 import math
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ import torch
 import pixelchain as pc
 from benchmarks.common import (  # (importing benchmarks.common also points at the local data)
     RECORDS,
+    Stopwatch,
     write_shipped_position,
 )
 from pixelchain import runtime
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.from_shipped and not (run_dir / STATE).exists():
         start_from_shipped(args.preset, run_dir, model, settings, len(train), args.curve_images)
         resume = True
-    start = time.perf_counter()
+    watch = Stopwatch()
     summary = pc.fit(
         model, train, curve_valid, run_dir=run_dir, epochs=epochs, patience=args.patience,
         max_time=args.max_time, eval_every=args.eval_every, amp=args.amp, compile=args.compile, resume=resume,
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     RunDir(run_dir).write_result(result)
     print(f"{args.preset}: test NLL {result['test']['nll']:.2f} nats after {summary['epoch']} epochs, "
-          f"{summary['elapsed']:.0f} s ({result['parameters']:,} parameters, {time.perf_counter() - start:.0f} s "
+          f"{summary['elapsed']:.0f} s ({result['parameters']:,} parameters, {watch.seconds:.0f} s "
           "this run)")
     if not args.no_figures:
         write_figures(model, test, run_dir, torch.Generator(device).manual_seed(0))

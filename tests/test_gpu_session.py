@@ -30,7 +30,8 @@ def test_a_pixelchain_train_job_starts_fresh_then_resumes_its_run(tmp_path):
     assert argv[1:4] == ["-m", "pixelchain.cli", "train"] and "head='softmax'" in argv
     assert argv[argv.index("--run-dir") + 1] == str(tmp_path / job.name) and "--amp" in argv
     (tmp_path / job.name).mkdir()
-    (tmp_path / job.name / "config.json").write_text(json.dumps({"model": "pixelcnn_pp"}))
+    (tmp_path / job.name / "config.json").write_text(json.dumps(
+        {"model": "pixelcnn_pp", "args": {"image_shape": [1, 28, 28], "num_levels": 256}}))
     argv = gpu_session.command(job, tmp_path, ["--resume"], "cpu", 60.0)
     assert argv[3:6] == ["train", "pixelcnn_pp", "--resume"] and "--no-amp" in argv and "--set" not in argv
 
