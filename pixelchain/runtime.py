@@ -5,8 +5,8 @@ unmapped on every step, and every fresh mapping is paid for again in page faults
 attention models spent up to half their time in them on a 2-core CPU (see BENCHMARKS.md).
 ``configure_allocator`` pins the thresholds, as ``MALLOC_MMAP_THRESHOLD_=1073741824
 MALLOC_TRIM_THRESHOLD_=2147483648`` in the environment would, so that tensors up to 1 GiB are
-reused from the heap: the Gated PixelCNN at pytorch-generative's size (128 channels, batch 128:
-100 MB activations) trained ~1.5x faster than with a 64 MiB threshold. The cost is that up to
+reused from the heap (the Gated PixelCNN at pytorch-generative's size has 100 MB activations; its
+speed-up is in BENCHMARKS.md). The cost is that up to
 2 GiB of freed memory stays with the process. The CLI calls it; library users may call it once
 at start-up.
 """
@@ -126,8 +126,8 @@ class ThreadPolicy:
     Above it, decoding runs at the process's setting (``torch.set_num_threads``); training and
     evaluation at that setting too, but no more threads than the cores other processes leave free
     (``free_cores``): a parallel op waits at its barrier for a thread that another process has
-    descheduled, and a training step at 2 threads beside other jobs was measured 6-10x slower than
-    at 1. Change the thresholds on ``runtime.THREADS``."""
+    descheduled, so beside other jobs a parallel step is several times slower than a serial one
+    (BENCHMARKS.md). Change the thresholds on ``runtime.THREADS``."""
 
     train_work: float = TRAIN_PARALLEL_WORK
     decode_work: float = PARALLEL_WORK

@@ -225,7 +225,7 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
     def check_input(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Validate a batch and return it as int64; raise ValueError naming the problem. Its few
         small reductions run at one intra-op thread (split over threads, each waited for a thread
-        that another process had descheduled: 24 ms instead of 0.1 on a busy 2-core machine)."""
+        that another process had descheduled: milliseconds instead of microseconds on a busy machine)."""
         with intra_op_threads(1):
             return self._check_input(x, labels)
 

@@ -6,11 +6,9 @@ The pre-activations of all D conditionals are an exclusive cumulative sum over d
 O(D * H) per image: a custom autograd function runs it over blocks of dimensions for the whole
 batch (a triangular product inside a block, the running sum carried between blocks: cache-sized
 states) and gives the gradients in closed form, block by block in reverse. It keeps the hidden
-units for the backward pass (B * D * H floats, 200 MB at B = 128, H = 500): recomputing them cost
-more. The floor is the B * D * H sigmoids: 11 ms at B = 128, D = 784, H = 500 on one core of the
-reference machine (AMD EPYC, AVX-512), against 28 ms for the whole evaluation pass and 66 ms for a
-training step with Adam (pytorch-generative's NADE, with ReLU units: 48 ms and 256 ms). Decoding
-keeps the running pre-activation, O(H) per step.
+units for the backward pass (B * D * H floats, 200 MB at B = 128, H = 500), which is cheaper than
+recomputing them; the B * D * H sigmoids are the floor of a pass (timings against the peer's NADE
+in BENCHMARKS.md). Decoding keeps the running pre-activation, O(H) per step.
 """
 
 from __future__ import annotations
