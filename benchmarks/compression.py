@@ -23,9 +23,9 @@ import torch
 import pixelchain as pc
 from benchmarks.common import Stopwatch, machine, write_section
 from pixelchain import checkpoint, codec
-from pixelchain.cli import read_images
+from pixelchain.io import read_images
 
-MODELS = {"binarized_mnist": "bmnist_gated_pixelcnn", "mnist": "mnist_pixelcnn_pp",
+MODELS = {"binarized_mnist": "bmnist_pixelcnn_pp", "mnist": "mnist_pixelcnn_pp",  # the best shipped of each
           "fashion_mnist": "fmnist_pixelcnn_pp"}
 TARGETS = {"binarized_mnist": 0.16, "mnist": 1.05, "fashion_mnist": 2.9}  # bits/pixel, whole set
 
