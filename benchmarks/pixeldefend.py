@@ -1,4 +1,4 @@
-"""PixelDefend on Fashion-MNIST, evaluated end to end: attacks, detection, purification, BPDA.
+"""PixelDefend on Fashion-MNIST against non-adaptive attacks: detection and purification.
 
     python -m benchmarks.pixeldefend --model fmnist_pixelcnn_pp \
         --classifiers fmnist_resnet fmnist_vgg --n 1000 --work-dir runs/pixeldefend
@@ -8,18 +8,18 @@ random noise, FGSM, BIM, DeepFool, Carlini-Wagner L-inf) at ``--eps-attack`` (0-
 the ``--sweep`` values (for ``--sweep-attacks``); accuracy with no defence, PixelDefend at each
 ``--eps-defend`` and adaptive PixelDefend (``--adaptive-eps``; images whose p-value is above a
 threshold chosen on clean validation images at ``--false-alarm`` stay unchanged); the AUROC of
-clean vs attacked bits/dim and their histograms; BPDA (PGD through classifier(purify(x)), the
-purifier's gradient taken as the identity) against PixelDefend at each ``--bpda-eps-defend``; the
+clean vs attacked bits/dim and their histograms; the
 purification throughput, cached vs naive decoding. p-values rank against ``--reference-n``
 validation images; the adaptive threshold is chosen on ``--threshold-n`` other validation images.
 
 Everything expensive is cached under ``--work-dir`` (attacked images per classifier, attack and
 eps, in chunks of ``--chunk`` images; purified images and bits/dim by the content of the images and
-the weights' digest), so an interrupted run resumes where it stopped, BPDA step by step. ART's C&W
+the weights' digest), so an interrupted run resumes where it stopped. ART's C&W
 L-inf optimises one image at a time (about 5 s per image on one loaded CPU thread here; DeepFool
 about 1 s): ``--attacks`` leaves attacks out, and a second run with ``--section`` can give them
 fewer images. Writes the ``--section`` section of BENCHMARKS.md (``--no-write``: only
-WORK_DIR/report.md) and the histograms to ``--figures-dir``.
+WORK_DIR/report.md) and the histograms to ``--figures-dir``. The attacks that know the defence
+(BPDA, APGD through the purifier, a detector-aware attacker) are benchmarks/adaptive.py's.
 """
 
 from __future__ import annotations
@@ -122,9 +122,6 @@ def main() -> None:
                         help="share of clean validation images adaptive PixelDefend may purify")
     parser.add_argument("--reference-n", type=int, default=2000, help="validation images the p-values rank against")
     parser.add_argument("--threshold-n", type=int, default=1000, help="other validation images for the threshold")
-    parser.add_argument("--bpda-eps-defend", type=int, nargs="*", default=[32])
-    parser.add_argument("--bpda-steps", type=int, default=10)
-    parser.add_argument("--bpda-n", type=int, help="images attacked by BPDA (default: --n)")
     parser.add_argument("--naive-steps", type=int, default=8,
                         help="naive decoding steps timed (at --batch-size) and extrapolated to every dimension")
     parser.add_argument("--batch-size", type=int, default=100, help="images per purification batch")
@@ -141,7 +138,6 @@ def main() -> None:
     bench = Bench(args, device)
     model = bench.model
     adaptive_eps = args.adaptive_eps or max(args.eps_defend)
-    eps_defends = sorted(set(args.eps_defend) | {adaptive_eps})
     work = Path(args.work_dir)
     Path(args.figures_dir).mkdir(parents=True, exist_ok=True)
 
@@ -157,7 +153,6 @@ def main() -> None:
     reference_bpd = bench.bpd(reference)
     threshold = defend.choose_threshold(defend.p_values(bench.bpd(held_out), reference_bpd), args.false_alarm)
     clean_bpd = bench.bpd(x)
-    purified_clean = {e: bench.purify(x, e) for e in eps_defends}
 
     def evaluate(clf, images: torch.Tensor, bpd: torch.Tensor, eps_list: list[int]) -> dict:
         """Accuracy with no defence, PixelDefend at each eps of ``eps_list`` and adaptive; AUROC of
@@ -182,7 +177,7 @@ def main() -> None:
             raise SystemExit(f"{name} is not a classifier")
         defend.check_pair(clf, model)
         tag = f"{Path(name).name}_{weights_digest(name)}_n{args.n}_seed{args.seed}"
-        out: dict = {"clean": evaluate(clf, x, clean_bpd, args.eps_defend), "attacks": {}, "bpda": {}}
+        out: dict = {"clean": evaluate(clf, x, clean_bpd, args.eps_defend), "attacks": {}}
         histogram = {"clean": clean_bpd}
         settings = [(a, args.eps_attack) for a in args.attacks]
         settings += [(a, e) for a in args.sweep_attacks for e in args.sweep if e != args.eps_attack]
@@ -203,18 +198,6 @@ def main() -> None:
                     plots.save_before_after(x_adv[:8], bench.purify(x_adv, adaptive_eps)[:8], model.num_levels,
                                             Path(args.figures_dir) / f"{args.section}_{Path(name).name}_{attack}.png")
         plots.save_histogram(histogram, Path(args.figures_dir) / f"{args.section}_bpd_{Path(name).name}.png")
-        n_bpda = args.bpda_n or args.n
-        for e in args.bpda_eps_defend:
-            print(f"{name}: BPDA against eps_defend {e}, {args.bpda_steps} steps", flush=True)
-            path = work / "attacks" / f"{tag}_bpda{n_bpda}_def{e}_steps{args.bpda_steps}_eps{args.eps_attack}.npy"
-            x_bpda = cached(path, partial(attacks.bpda, clf, partial(bench.purify, eps=e), x[:n_bpda], y[:n_bpda],
-                                          args.eps_attack, steps=args.bpda_steps))
-            out["bpda"][e] = {
-                "n": n_bpda, "steps": args.bpda_steps,
-                "none": defend.accuracy(clf, x_bpda.to(device), y[:n_bpda].to(device)),
-                "defended": defend.accuracy(clf, bench.purify(x_bpda, e).to(device), y[:n_bpda].to(device)),
-                "clean_defended": defend.accuracy(clf, purified_clean[e][:n_bpda].to(device), y[:n_bpda].to(device)),
-            }
         results["classifiers"][name] = out
 
     timing = json.loads(bench.timing_path.read_text()) if bench.timing_path.is_file() else {}
@@ -232,7 +215,7 @@ def main() -> None:
 
 
 def render(args, results: dict, adaptive_eps: int) -> str:
-    """The BENCHMARKS.md section: tables of accuracy, AUROC, BPDA and throughput."""
+    """The BENCHMARKS.md section: tables of accuracy, AUROC and throughput."""
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     defs = [f"PixelDefend ε_def {e}" for e in args.eps_defend] + [f"adaptive (ε_def {adaptive_eps})"]
     lines = [
@@ -254,12 +237,6 @@ def render(args, results: dict, adaptive_eps: int) -> str:
             auroc = "-" if label == "clean" else f"{row['auroc']:.3f}"
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {pct(row['purified_share'])} | {row['bpd']:.3f} "
                          f"| {auroc} |")
-        lines.append("")
-        for e, b in out["bpda"].items():
-            lines.append(f"BPDA ({b['steps']} steps of 1 level, ε_attack {args.eps_attack}, {b['n']} images) against "
-                         f"PixelDefend ε_def {e}: accuracy **{pct(b['defended'])}%** after purification "
-                         f"(clean images purified: {pct(b['clean_defended'])}%; the BPDA images undefended: "
-                         f"{pct(b['none'])}%). Purification is deterministic (argmax in the window), so no EOT.")
         figure = os.path.relpath(Path(args.figures_dir) / f"{args.section}_bpd_{Path(name).name}.png", REPO)
         lines += ["", f"![bits/dim, {name}]({figure})", ""]
     timing = results["timing"]

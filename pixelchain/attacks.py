@@ -5,19 +5,15 @@
 Images are int64 levels in [0, K); ``eps`` is in levels (0-255 units for 256-level images). The
 classifier is wrapped as an ART ``PyTorchClassifier`` on floats in [0, 1] (``logits_from_unit``);
 ART's result is rounded back to levels and clipped to the eps-ball around x and to [0, K).
-ART is an optional extra: ``pip install -e .[defend]``. ``bpda`` (the attack that knows the
-purifier) is not in ART and is written here.
+ART is an optional extra: ``pip install -e .[defend]``. The attacks that know the purifier
+(BPDA, APGD through it) are in :mod:`pixelchain.adaptive`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .classifiers import Classifier
 from .models.base import check_eps
@@ -98,37 +94,3 @@ def attack(
         u_adv = made.generate(u, y=labels.cpu().numpy())
     x_adv = torch.from_numpy(np.rint(u_adv.astype(np.float64) * (K - 1))).long().to(x.device)
     return project(x_adv, x, eps, K)
-
-
-def bpda(
-    classifier: Classifier,
-    purifier: Callable[[Tensor], Tensor],
-    x: Tensor,
-    labels: Tensor,
-    eps: int,
-    *,
-    steps: int = 10,
-    step_size: int = 1,
-    batch_size: int = 256,
-    progress: bool = True,
-) -> Tensor:
-    """BPDA (Athalye et al., 2018): PGD on classifier(purifier(x)) with the purifier's gradient taken
-    as the identity: x_{t+1} = clip_eps(x_t + step_size * sign(grad_u CE(classifier(u), y) at
-    u = purifier(x_t))). x int64 [B, C, H, W], labels [B]; eps and step_size in levels. Returns the
-    last iterate, int64 [B, C, H, W]. ``purifier`` maps int64 images to int64 images."""
-    eps = check_eps(eps)
-    if steps < 1 or step_size < 1:
-        raise ValueError(f"steps and step_size must be >= 1, got {steps}, {step_size}")
-    x, labels = classifier.check_input(x, labels)
-    classifier.eval()
-    K, weight = classifier.num_levels, next(classifier.parameters())
-    x_adv = x.clone()
-    for _ in tqdm(range(steps), desc="BPDA", unit="step", disable=not progress):
-        purified = purifier(x_adv)
-        grads = []
-        for xb, yb in zip(purified.split(batch_size), labels.split(batch_size), strict=True):
-            u = (xb.to(weight.device, weight.dtype) / (K - 1)).requires_grad_()
-            loss = F.cross_entropy(classifier.logits_from_unit(u), yb.to(weight.device), reduction="sum")
-            grads.append(torch.autograd.grad(loss, u)[0].to(x.device))
-        x_adv = project(x_adv + step_size * torch.cat(grads).sign().long(), x, eps, K)
-    return x_adv
