@@ -101,9 +101,10 @@ class Defended:
         keys = [row.numpy().tobytes() for row in x]
         new = sorted({i for i, k in enumerate(keys) if k not in self.cache})
         if new:
-            index = torch.tensor(new)
-            for key in list(self.cache)[: max(0, len(self.cache) + len(index) - self.max_cached)]:
-                del self.cache[key]  # the oldest first
+            index, needed = torch.tensor(new), set(keys)
+            excess = len(self.cache) + len(index) - self.max_cached
+            for key in [k for k in self.cache if k not in needed][: max(0, excess)]:
+                del self.cache[key]  # the oldest first, never one this call reads
             out = self.defence(x[index]).long().cpu()
             with torch.no_grad():
                 labels = self.classifier.predict(out.to(next(self.classifier.parameters()).device)).cpu()

@@ -160,6 +160,12 @@ def test_defended_caches_by_content_and_reports_new_images_once(setup):
     torch.testing.assert_close(b, torch.cat([a[4:], defend.purify(model, x[8:12], EPS_DEF, progress=False), a[4:6]]))
     defended(x[12:16])
     defended(x[12:16])  # still cached, although 16 > max_cached - 4 left the oldest
+    # a call that reads the oldest cached images and brings new ones past max_cached evicts others
+    small = adaptive.Defended(purifier(model), clf, max_cached=6)
+    small(x[:4])
+    small(x[4:6])
+    torch.testing.assert_close(small(torch.cat([x[:2], x[6:10]])),
+                               defend.purify(model, torch.cat([x[:2], x[6:10]]), EPS_DEF, progress=False))
     assert sum(len(s) for s in recording.seen) == 16 and len(defended.cache) <= 20
     # a new tracker (the next attack sharing the cache) hears of cached images too
     assert (clf.predict(defend.purify(model, x, EPS_DEF, progress=False)) == y).all()
