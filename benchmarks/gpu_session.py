@@ -72,16 +72,16 @@ def _pixelcnn_pp(dataset: str, head: str) -> tuple[str, ...]:
             "--epochs", "40", "--batch-size", "64", "--lr", "2e-3", "--lr-decay", "0.95")
 
 
+# Settled by the lent H200 of 2026-12-04 and left out since: the softmax head on Fashion-MNIST (the
+# mixture won on validation) and the mixture on MNIST (it diverged; the softmax one ships).
 JOBS = [  # packing order: what the issues need most first
     Job("fmnist_pixelcnn_pp", shipped="fmnist_pixelcnn_pp"),
     Job("fmnist_pixelcnn_pp_48", train=_pixelcnn_pp("fashion_mnist", "mixture")),
-    Job("fmnist_pixelcnn_pp_48_softmax", train=_pixelcnn_pp("fashion_mnist", "softmax")),
     Job("fmnist_resnet_w16", train=("resnet", "--dataset", "fashion_mnist", "--set", "widths=(16, 32, 64)",
                                     "--epochs", "30", "--batch-size", "128", "--lr", "2e-3", "--lr-decay", "0.88")),
     Job("fmnist_vgg_long", train=("vgg", "--dataset", "fashion_mnist", "--epochs", "40", "--batch-size", "128",
                                   "--lr", "1e-3", "--lr-decay", "0.9", "--seed", "1")),
-    Job("mnist_pixelcnn_pp_48", train=_pixelcnn_pp("mnist", "mixture")),
-    Job("mnist_pixelcnn_pp_48_softmax", train=_pixelcnn_pp("mnist", "softmax")),
+    Job("mnist_pixelcnn_pp", shipped="mnist_pixelcnn_pp"),
     Job("gated_pixelcnn", preset="gated_pixelcnn"),
     Job("row_lstm", preset="row_lstm"),
     Job("pixelcnn_drop30", preset="pixelcnn_drop30"),

@@ -18,16 +18,16 @@ def test_each_job_starts_where_the_repository_left_it(tmp_path):
     (tmp_path / "pixelcnn_drop10" / STATE).touch()
     assert start(Job("pixelcnn_drop10", preset="pixelcnn_drop10"), tmp_path) == ["--resume"]  # this session's
     assert start(gpu_session.BY_NAME["fmnist_pixelcnn_pp"], tmp_path) == ["--from-shipped"]
-    assert start(gpu_session.BY_NAME["mnist_pixelcnn_pp_48"], tmp_path) == []
+    assert start(gpu_session.BY_NAME["fmnist_pixelcnn_pp_48"], tmp_path) == []
     # a continued checkpoint is seeded by its continue_runs job (whose table holds the record's curve)
     continued = {j.name for j in gpu_session.CONTINUED}
     assert all(job.shipped in continued for job in gpu_session.JOBS if job.shipped)
 
 
 def test_a_pixelchain_train_job_starts_fresh_then_resumes_its_run(tmp_path):
-    job = gpu_session.BY_NAME["mnist_pixelcnn_pp_48_softmax"]
+    job = gpu_session.BY_NAME["fmnist_pixelcnn_pp_48"]
     argv = gpu_session.command(job, tmp_path, [], "cuda", 60.0)
-    assert argv[1:4] == ["-m", "pixelchain.cli", "train"] and "head='softmax'" in argv
+    assert argv[1:4] == ["-m", "pixelchain.cli", "train"] and "head='mixture'" in argv
     assert argv[argv.index("--run-dir") + 1] == str(tmp_path / job.name) and "--amp" in argv
     (tmp_path / job.name).mkdir()
     (tmp_path / job.name / "config.json").write_text(json.dumps(
