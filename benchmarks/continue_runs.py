@@ -45,13 +45,16 @@ WARMUP = 300
 @dataclass(frozen=True)
 class Job:
     """A shipped checkpoint and its target: ``metric`` of the test split, below ``target`` (above
-    for accuracy). ``table`` is its records folder; ``preset`` a benchmarks.train_bmnist preset."""
+    for accuracy). ``table`` is its records folder; ``preset`` a benchmarks.train_bmnist preset;
+    ``lr_scale`` multiplies the learning rate of its schedule from the shipped position on (a
+    ``pixelchain train`` job: the continued run records the scaled rate)."""
 
     name: str
     metric: str
     target: float
     table: str
     preset: str | None = None
+    lr_scale: float = 1.0
 
     def reached(self, value: float) -> bool:
         return value >= self.target if self.metric == "accuracy" else value <= self.target
@@ -61,7 +64,9 @@ JOBS = [  # priority order: PixelDefend's models first, then the binarized-MNIST
     Job("fmnist_resnet", "accuracy", 0.92, "classifiers"),
     Job("fmnist_vgg", "accuracy", 0.93, "classifiers"),
     Job("fmnist_pixelcnn_pp", "bits_per_dim", 2.75, "fashion_mnist"),
-    Job("mnist_pixelcnn_pp", "bits_per_dim", 1.05, "mnist"),  # MNIST coded below the standard codecs
+    # MNIST coded below the standard codecs. Continued at its schedule's rate, fresh moments took it
+    # from 1.066 to 1.092 valid bits/dim in an epoch; at a fifth of it, to 1.050 in half an epoch.
+    Job("mnist_pixelcnn_pp", "bits_per_dim", 1.05, "mnist", lr_scale=0.2),
     Job("bmnist_pixelcnn_pp", "nll", 80.0, "bmnist", preset="pixelcnn_pp"),  # past 81.30: the stretch, below 80
     Job("bmnist_gated_pixelcnn", "nll", 81.30, "bmnist", preset="gated_pixelcnn"),
     Job("bmnist_row_lstm", "nll", 80.54, "bmnist", preset="row_lstm"),
@@ -80,7 +85,7 @@ def seed_from_shipped(job: Job, run_dir: Path) -> None:
     record's metrics and its position (step, epoch, time, learning rate), fresh Adam moments."""
     source = RunDir(PRETRAINED_DIR / job.name)
     config, result = source.read_config(), source.read_result()
-    train = config["train"]
+    train = config["train"] = {**config["train"], "lr": config["train"]["lr"] * job.lr_scale}
     model = pc.load(source.path)
     run = RunDir(run_dir)
     run.write_config(config)
