@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import numpy as np
 import torch
@@ -157,7 +158,7 @@ def main() -> None:
             rows.append(f"| {dataset} | (no shipped {dataset} density model) | | | | | |")
         print(rows[-1], flush=True)
     body = (
-        f"Machine: {machine()}; the benchmark ran under `nice -n 10` beside other jobs (load average "
+        f"Machine: {machine()}; the benchmark ran at niceness {os.nice(0)} beside other jobs (load average "
         f"{open('/proc/loadavg').read().split()[0]} at the end), so the throughputs are lower bounds for a quiet "
         f"machine. Images: the last {args.n} test images of each dataset. Bits per pixel; per image = each image "
         "its own file (ours: its own range-coder stream, the header left out), whole set = all images in one file "
