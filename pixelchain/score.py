@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-ARRAY_SUFFIXES = (".npy", ".npz")
+from .io import ARRAY_SUFFIXES
 
 
 def check_density(model: nn.Module, what: str = "model") -> nn.Module:
