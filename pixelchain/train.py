@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from . import runtime
 from .checkpoint import load_weights, model_config
 from .data import ImageDataset
+from .data.transforms import augment
 from .run_dir import CONFIG, STATE, WEIGHTS, RunDir
 from .runtime import intra_op_threads, threads_for
 
@@ -97,6 +98,8 @@ class TrainOptions:
     compile: bool = _option(False, "flag", "train through torch.compile")
     amp: bool = _option(True, "flag", "bfloat16 autocast where the hardware runs it natively (CUDA, CPUs with "
                                       "AVX512-BF16 or AMX); likelihoods are reported in fp32")
+    augment: bool = _option(False, "flag", "classifiers: train on random left-right flips and shifts of up to 2 "
+                                           "pixels (a density model would learn the augmented images instead)")
 
     def validate(self) -> None:
         """ValueError naming the first option that is out of range or of the wrong type."""
@@ -328,6 +331,9 @@ class Trainer:
                 f"dataset {train.name!r} has images {train.image_shape} with {train.num_levels} levels, the model "
                 f"expects {tuple(model.image_shape)} with {model.num_levels}"
             )
+        if options.augment and getattr(model, "kind", None) != "classifier":
+            raise ValueError("augment applies to classifiers: a density model trained on flipped and shifted "
+                             "images models those, not the dataset")
         if resume and run_dir is None:
             raise ValueError("resume=True needs a run_dir")
         if resume and overwrite:
@@ -449,7 +455,10 @@ class Trainer:
         gen = None
         if self.train.intensities is not None:  # fresh, reproducible binarisation
             gen = torch.Generator().manual_seed(hash((opts.seed, epoch, batch, self.rank)) % 2**62)
-        x = self.train.batch(idx, gen).to(self.device, non_blocking=True)
+        x = self.train.batch(idx, gen)
+        if opts.augment:  # a fresh, reproducible draw per batch (an exact resume redraws the same)
+            x = augment(x, torch.Generator().manual_seed(hash((opts.seed, epoch, batch, self.rank, 1)) % 2**62))
+        x = x.to(self.device, non_blocking=True)
         labels = _labels(model, self.train, idx)
         labels = None if labels is None else labels.to(self.device)
         with self.autocast:
@@ -503,8 +512,10 @@ class Trainer:
                 value, stop = reduced[0].item() / world, bool(reduced[1].item())
             running = state.train_nll
             running = state.train_nll = value if running is None or b == 0 else 0.98 * running + 0.02 * value
-            bar.set_postfix(nll=f"{running:.2f}", bpd=f"{running / (self.model.num_dims * math.log(2)):.4f}"
-                            if self.model.kind == "density" else None, refresh=False)
+            shown = {"nll": f"{running:.2f}"}
+            if self.model.kind == "density":
+                shown["bpd"] = f"{running / (self.model.num_dims * math.log(2)):.4f}"
+            bar.set_postfix(shown, refresh=False)
             bar.update()
             evaluated = bool(opts.eval_every) and state.step % opts.eval_every == 0 and b + 1 < len(batches)
             if evaluated:

@@ -83,3 +83,42 @@ def test_shipped_logistic_regression_still_loads_and_scores():
     x = torch.zeros(2, 1, 28, 28, dtype=torch.long)
     assert model.predict(x).shape == (2,)
     assert torch.isfinite(model.log_prob(x, torch.tensor([0, 1]))).all()
+
+
+def test_augment_mirrors_and_shifts_each_image_by_a_drawn_amount():
+    """Every augmented image is its original, mirrored or not, moved by at most 2 pixels with
+    zeros filling the border; the draws vary across a batch and repeat with the generator's seed."""
+    from pixelchain.data.transforms import augment
+
+    x = torch.randint(1, 16, (64, 1, 6, 7))
+
+    def moved(image, flip, dy, dx):
+        out = torch.zeros_like(image)
+        src = image.flip(2) if flip else image
+        H, W = image.shape[1:]
+        out[:, max(0, dy):H + min(0, dy), max(0, dx):W + min(0, dx)] = \
+            src[:, max(0, -dy):H + min(0, -dy), max(0, -dx):W + min(0, -dx)]
+        return out
+
+    out = augment(x, torch.Generator().manual_seed(3))
+    seen = set()
+    for image, aug in zip(x, out, strict=True):
+        found = [(f, dy, dx) for f in (0, 1) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(moved(image, f, dy, dx), aug)]
+        assert len(found) == 1, "each output is exactly one flip and shift of its image"
+        seen.add(found[0])
+    assert len(seen) > 10
+    assert torch.equal(augment(x, torch.Generator().manual_seed(3)), out)
+
+
+def test_fit_augments_classifiers_and_refuses_density_models(tmp_path):
+    data = toy_set()
+    torch.manual_seed(0)
+    model = pc.classifiers.create("resnet", data.image_shape, data.num_levels, num_classes=2, **TINY["resnet"])
+    pc.fit(model, data, data, run_dir=tmp_path / "run", epochs=6, batch_size=16, lr=0.02, augment=True,
+           progress=False)
+    assert pc.evaluate(model, data)["accuracy"] > 0.8  # the toy's top/bottom cue survives flips and shifts
+    assert pc.load(tmp_path / "run").name == "resnet"
+    density = pc.create("fully_visible", data.image_shape, data.num_levels)
+    with pytest.raises(ValueError, match="augment applies to classifiers"):
+        pc.fit(density, data, None, epochs=1, augment=True, progress=False)

@@ -128,8 +128,8 @@ def test_train_flags_are_the_training_options():
     assert train_options(parse(["train", "fvsbn"]), {"lr": 0.1, "epochs": 7}) == TrainOptions(lr=0.1, epochs=7)
     assert train_options(parse(["train", "fvsbn", "--no-amp"]), {"amp": True}) == TrainOptions(amp=False)
     every = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainOptions)]
-    given = parse(["train", "fvsbn", *[x for flag in every for x in ([flag] if flag in ("--compile", "--amp")
-                                                                     else [flag, "1"])]])
+    switches = {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainOptions) if f.type == "bool"}
+    given = parse(["train", "fvsbn", *[x for flag in every for x in ([flag] if flag in switches else [flag, "1"])]])
     assert all(hasattr(given, f.name) for f in dataclasses.fields(TrainOptions))
 
 

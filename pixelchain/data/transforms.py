@@ -1,4 +1,5 @@
-"""Fewer levels: quantisation, and static (threshold) or dynamic (sampled) binarisation."""
+"""Fewer levels: quantisation, and static (threshold) or dynamic (sampled) binarisation; and the
+label-preserving augmentation a classifier trains with (random flips and shifts)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,19 @@ def transform(ds: ImageDataset, num_levels: int | None = None, binarize: str | N
     else:
         return ds
     return ImageDataset(images, k, ds.labels, ds.name, ds.split, intensities)
+
+
+def augment(images: Tensor, generator: torch.Generator | None = None, shift: int = 2) -> Tensor:
+    """Each image of ``images`` (int64 [B, C, H, W]) mirrored left-right with probability 1/2 and
+    translated by up to ``shift`` pixels in each direction (a uniform draw per image and axis), the
+    uncovered border filled with level 0: the augmentation a classifier of centred, roughly
+    left-right symmetric images (Fashion-MNIST) trains with. Draws come from ``generator`` (CPU)."""
+    B, C, H, W = images.shape
+    flip = torch.rand(B, generator=generator) < 0.5
+    offsets = torch.randint(0, 2 * shift + 1, (2, B), generator=generator)
+    out = torch.where(flip.view(B, 1, 1, 1).to(images.device), images.flip(3), images)
+    padded = torch.nn.functional.pad(out, (shift, shift, shift, shift))
+    rows = (offsets[0].view(B, 1) + torch.arange(H)).to(images.device)  # [B, H]
+    cols = (offsets[1].view(B, 1) + torch.arange(W)).to(images.device)  # [B, W]
+    batch = torch.arange(B, device=images.device).view(B, 1, 1)
+    return padded.permute(0, 2, 3, 1)[batch, rows.view(B, H, 1), cols.view(B, 1, W)].permute(0, 3, 1, 2).contiguous()
