@@ -3,8 +3,9 @@
     python -m benchmarks.throughput --peer /path/to/pytorch-generative
 
 Train = forward + backward + Adam step on a batch of binary 28x28 images (128; the Transformer 32), as
-``pc.fit`` does it (with the intra-op threads ``fit`` chooses under the process setting, ``--threads``); eval =
-``log_prob`` of the batch without gradients.
+``pc.fit`` does it by default: the intra-op threads ``fit`` chooses under the process setting (``--threads``)
+and bf16 autocast where the CPU runs it natively (``--no-amp``: fp32); eval = ``log_prob`` of the batch
+without gradients, in fp32 as the library reports likelihoods. The peer trains as it does by default, in fp32.
 With ``--peer`` the peer's model of the same architecture (``benchmarks.peer``) is timed in the
 same process, interleaved with ours round by round (same batch, process thread setting, allocator),
 with its own loss; the ratios are of medians over ``--rounds``. Peak memory of a training step is
@@ -79,7 +80,8 @@ def first_step_memory_mb(side: str, name: str, batch: int, threads: int, args: a
     """Peak memory growth (MB) of ``side``'s ("ours" or "peer") first training step of ``name`` at
     ``batch``, measured in a fresh process (``--memory-of``)."""
     command = [sys.executable, "-m", "benchmarks.throughput", "--memory-of", side, "--models", name,
-               "--batch", str(batch), "--threads", str(threads)] + (["--peer", args.peer] if args.peer else [])
+               "--batch", str(batch), "--threads", str(threads), "--amp" if args.amp else "--no-amp"]
+    command += ["--peer", args.peer] if args.peer else []
     return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
 
 
@@ -95,16 +97,20 @@ def main() -> None:
                         help="process thread settings, each a set of rows")
     parser.add_argument("--models", nargs="+", default=list(LABELS), choices=list(LABELS))
     parser.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"])
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="train ours under bf16 autocast where the CPU runs it natively, as pc.fit does by default")
     # first_step_memory_mb's child: print the peak memory growth of one training step (--models' first)
     parser.add_argument("--memory-of", choices=["ours", "peer"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     runtime.configure_allocator()
     peer_models = peer.import_peer(args.peer) if args.peer else None
     before = 0.0 if args.memory_of else matmul_gflops()
+    amp = args.amp and runtime.bf16_supported(torch.device("cpu"))
 
-    lines = ["| architecture | batch | threads | mode | ours: parameters (used) | ours train img/s | peer train img/s "
-             "| ratio | ours eval img/s | peer eval img/s | ratio | train-step peak memory growth, ours / peer (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| architecture | batch | threads | mode | ours: training precision | ours: parameters (used) "
+             "| ours train img/s | peer train img/s | ratio | ours eval img/s | peer eval img/s | ratio "
+             "| train-step peak memory growth, ours / peer (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, process_threads in [(n, t) for t in args.threads for n in args.models]:
         batch = args.batch or DEFAULT_BATCH.get(name, 128)
         x = torch.randint(0, 2, (batch, 1, 28, 28), generator=torch.Generator().manual_seed(0))
@@ -123,7 +129,9 @@ def main() -> None:
 
             def train_step():
                 with intra_op_threads(threads):  # noqa: B023
-                    loss = -model.log_likelihood(net(x), x).mean()  # noqa: B023
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                        out = net(x)  # noqa: B023
+                    loss = -model.log_likelihood(out.float(), x).mean()  # noqa: B023
                     optimizer.zero_grad(set_to_none=True)  # noqa: B023
                     loss.backward()
                     optimizer.step()  # noqa: B023
@@ -166,7 +174,7 @@ def main() -> None:
                         times[key].append(median_time(step, steps, warmup=warm))
             rate = {k: batch / statistics.median(v) if v else float("nan") for k, v in times.items()}
             lines.append(
-                f"| {LABELS[name]} | {batch} | {process_threads} | {mode} "
+                f"| {LABELS[name]} | {batch} | {process_threads} | {mode} | {'bf16 autocast' if amp else 'fp32'} "
                 f"| {params:,} ({effective_parameters(model):,}) | {rate['train']:,.1f} "
                 f"| {rate['peer_train']:,.1f} | {rate['train'] / rate['peer_train']:.2f}× | {rate['eval']:,.1f} "
                 f"| {rate['peer_eval']:,.1f} | {rate['eval'] / rate['peer_eval']:.2f}× | {memory} |")
