@@ -78,13 +78,21 @@ def save_curves(curves: dict[str, list[tuple[int, float]]], path: Path, size: tu
     return path
 
 
-def cached_attack(path: Path, run) -> dict:
-    """``run()`` (an AttackResult) summarised and saved as path (.json + .npz), or read back."""
+def worst(robust: list[torch.Tensor]) -> float:
+    """Robust accuracy of the worst case per image over the attacks' ``robust`` masks (nan: none)."""
+    return torch.stack(robust).all(0).double().mean().item() if robust else float("nan")
+
+
+def cached_attack(path: Path, run, cached_only: bool = False) -> dict | None:
+    """``run()`` (an AttackResult) summarised and saved as path (.json + .npz), or read back; with
+    ``cached_only``, None for an attack not run yet."""
     json_path, npz_path = path.parent / f"{path.name}.json", path.parent / f"{path.name}.npz"  # names hold dots
     if json_path.is_file():
         summary = json.loads(json_path.read_text())
         arrays = np.load(npz_path)
         return {**summary, **{k: torch.from_numpy(arrays[k]) for k in arrays.files}}
+    if cached_only:
+        return None
     with Stopwatch() as t:
         result = run()
     summary = {"accuracy": result.accuracy, "curve": result.curve, "purified": result.purified,
@@ -129,6 +137,8 @@ def main() -> None:
     parser.add_argument("--figures-dir", default=str(FIGURES))
     parser.add_argument("--section", default="pixeldefend_adaptive")
     parser.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md alone")
+    parser.add_argument("--cached-only", action="store_true", help="run no attack: the tables of the attacks "
+                        "already cached in --work-dir (one run's grid can be filled in over several calls)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = runtime.pick_device(args.device)
@@ -144,11 +154,16 @@ def main() -> None:
         tag = f"{Path(name).name}_n{args.n}_seed{args.seed}_eps{args.eps}"
         out = results[name] = {}
         for e in args.eps_defend:
-            out[e] = against_pixeldefend(args, clf, model, x, y, e, work / f"{tag}_def{e}", f"{name}, eps_def {e}")
+            res = against_pixeldefend(args, clf, model, x, y, e, work / f"{tag}_def{e}", f"{name}, eps_def {e}")
+            if not res["rows"]:  # --cached-only, nothing run yet
+                continue
             figure = Path(args.figures_dir) / f"{args.section}_{Path(name).name}_def{e}.png"
-            out[e]["figure"] = os.path.relpath(save_curves(out[e].pop("curves"), figure), REPO)
+            res["figure"] = os.path.relpath(save_curves(res.pop("curves"), figure), REPO)
+            out[e] = res
         if args.adaptive_eps:
-            out["adaptive"] = adaptive_pixeldefend(args, clf, model, x, y, work / f"{tag}_adaptive{args.adaptive_eps}")
+            res = adaptive_pixeldefend(args, clf, model, x, y, work / f"{tag}_adaptive{args.adaptive_eps}")
+            if res["rows"]:
+                out["adaptive"] = res
     (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
     report = render(args, results)
     (work / "report.md").write_text(report)
@@ -188,7 +203,10 @@ def against_pixeldefend(args, clf, model, x, y, eps_def: int, prefix: Path, titl
     rows, curves, robust = {}, {}, []
     for label, key, curve, fn in attacks:
         print(f"{title}: {label}", flush=True)
-        r = cached_attack(Path(f"{prefix}_{key}"), fn)
+        r = cached_attack(Path(f"{prefix}_{key}"), fn, args.cached_only)
+        if r is None:
+            print("  not run yet: left out", flush=True)
+            continue
         r["last_accuracy"] = defend.accuracy(clf, defended(r["last"].long()), y)
         print(f"  robust {100 * r['accuracy']:.1f}% (last iterate {100 * r['last_accuracy']:.1f}%), "
               f"{r['purified']} purified, {r['seconds']:.0f} s", flush=True)
@@ -196,7 +214,7 @@ def against_pixeldefend(args, clf, model, x, y, eps_def: int, prefix: Path, titl
         robust.append(r["robust"])
         if curve:
             curves[curve] = r["curve"]
-    return {"rows": rows, "curves": curves, "worst": torch.stack(robust).all(0).double().mean().item(),
+    return {"rows": rows, "curves": curves, "worst": worst(robust),
             "clean": defend.accuracy(clf, defended(x), y)}
 
 
@@ -231,7 +249,11 @@ def adaptive_pixeldefend(args, clf, model, x, y, prefix: Path) -> dict:
     ]
     for label, key, fn in attacks:
         print(f"adaptive PixelDefend: {label}", flush=True)
-        r = cached_attack(Path(f"{prefix}_{key}_s{args.steps}x{args.step_size}_r{args.restarts}"), fn)
+        r = cached_attack(Path(f"{prefix}_{key}_s{args.steps}x{args.step_size}_r{args.restarts}"), fn,
+                          args.cached_only)
+        if r is None:
+            print("  not run yet: left out", flush=True)
+            continue
         fooled = ~r["robust"]
         robust.append(r["robust"])
         rows[label] = {"accuracy": r["accuracy"], "seconds": r["seconds"], "curve": r["curve"],
@@ -240,7 +262,7 @@ def adaptive_pixeldefend(args, clf, model, x, y, prefix: Path) -> dict:
         print(f"  robust {100 * r['accuracy']:.1f}%, flagged: last iterates {100 * rows[label]['flagged_last']:.1f}%",
               flush=True)
     return {"threshold": threshold, "limit": limit, "clean": defend.accuracy(clf, defended(x), y),
-            "clean_flagged": flagged(x), "rows": rows, "worst": torch.stack(robust).all(0).double().mean().item()}
+            "clean_flagged": flagged(x), "rows": rows, "worst": worst(robust)}
 
 
 def render(args, results: dict) -> str:

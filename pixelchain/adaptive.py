@@ -95,6 +95,7 @@ class Defended:
         self.cache: dict[bytes, tuple[Tensor, int]] = {}  # image bytes -> (defended image, its label)
         self.calls = 0  # defence calls that had new images
         self.images = 0  # images defended
+        self.mark_from: int | None = None  # if set: the tracker's curve gains a point per call with new images
 
     def __call__(self, x: Tensor) -> Tensor:
         x = x.long().cpu()
@@ -116,6 +117,8 @@ class Defended:
         hits = [self.cache[k] for k in keys]
         if self.tracker is not None:
             self.tracker.observe(x, torch.tensor([label for _, label in hits]))
+            if new and self.mark_from is not None:
+                self.tracker.mark(self.calls - self.mark_from)
         return torch.stack([row for row, _ in hits])
 
 
@@ -360,17 +363,22 @@ def apgd(
         batch_size=len(x), loss_type="cross_entropy" if loss == "ce" else "difference_logits_ratio", verbose=False)
     last = x.clone()
     np.random.seed(seed)  # ART draws its random starts from numpy's global generator
-    for _ in tqdm(range(restarts), desc=f"APGD-{loss.upper()}", unit="restart", disable=not progress):
-        active = tracker.robust.nonzero().flatten()
-        if len(active) == 0:
-            break
-        onehot = np.eye(classifier.num_classes, dtype=np.float32)[labels[active].numpy()]
-        with intra_op_threads(1):
-            u = attack.generate((x[active].double() / (K - 1)).numpy().astype(np.float32), y=onehot)
-        x_r = project(torch.from_numpy(np.rint(u.astype(np.float64) * (K - 1))).long(), x[active], eps, K)
-        defended(x_r)
-        last[active] = x_r
-        tracker.mark(defended.calls - start_calls)
+    defended.mark_from = start_calls  # a point of the curve per call: ART's iterations run inside generate
+    try:
+        for _ in tqdm(range(restarts), desc=f"APGD-{loss.upper()}", unit="restart", disable=not progress):
+            active = tracker.robust.nonzero().flatten()
+            if len(active) == 0:
+                break
+            onehot = np.eye(classifier.num_classes, dtype=np.float32)[labels[active].numpy()]
+            with intra_op_threads(1):
+                u = attack.generate((x[active].double() / (K - 1)).numpy().astype(np.float32), y=onehot)
+            x_r = project(torch.from_numpy(np.rint(u.astype(np.float64) * (K - 1))).long(), x[active], eps, K)
+            defended(x_r)
+            last[active] = x_r
+            if not tracker.curve or tracker.curve[-1] != (defended.calls - start_calls, tracker.accuracy):
+                tracker.mark(defended.calls - start_calls)
+    finally:
+        defended.mark_from = None
     x_adv = torch.where(tracker.robust.view(-1, 1, 1, 1), last, tracker.x_adv)
     return AttackResult(tracker.robust.clone(), x_adv, tracker.curve, defended.images - start_images, last)
 

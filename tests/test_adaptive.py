@@ -132,6 +132,8 @@ def test_attacks_stay_in_the_eps_ball_and_keep_the_worst_case(setup, attack):
     assert result.accuracy <= defend.accuracy(clf, defend.purify(model, result.last, EPS_DEF, progress=False), y)
     accuracy = [a for _, a in result.curve]
     assert accuracy == sorted(accuracy, reverse=True) and accuracy[-1] == result.accuracy
+    steps = [s for s, _ in result.curve]
+    assert steps == sorted(steps) and len(steps) > 2 + 1  # a point per step (APGD: per defence call), not per restart
     assert accuracy[0] == defend.accuracy(clf, defend.purify(model, x, EPS_DEF, progress=False), y)
 
 
