@@ -45,6 +45,9 @@ PAPER = ("Athalye et al. (2018): BPDA takes PixelDefend to 9% on CIFAR-10 (ε 8/
          "no adaptive figure for Fashion-MNIST")
 
 
+SPARSE = 10  # a curve of fewer points is drawn as points: a line would invent the steps between them
+
+
 def save_curves(curves: dict[str, list[tuple[int, float]]], path: Path, size: tuple[int, int] = (640, 400)) -> Path:
     """Robust accuracy (%) against steps, one line per attack."""
     curves = {k: v for k, v in curves.items() if v}
@@ -71,7 +74,12 @@ def save_curves(curves: dict[str, list[tuple[int, float]]], path: Path, size: tu
     draw.text((left + (width - left - right) // 2 - 20, height - 16), "step", fill="black", font=font)
     for i, (name, curve) in enumerate(curves.items()):
         colour = COLOURS[i % len(COLOURS)]
-        draw.line([px(s, a) for s, a in curve], fill=colour, width=2)
+        if len(curve) < SPARSE:  # a few points (an attack cached before it recorded each step): no line between
+            for s, a in curve:
+                x, y = px(s, a)
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        else:
+            draw.line([px(s, a) for s, a in curve], fill=colour, width=2)
         draw.text((width - right + 10, upper + 16 * i), name, fill=colour, font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
