@@ -453,11 +453,11 @@ class Trainer:
         """One optimiser step on the images ``idx``; returns the batch's mean NLL (a tensor)."""
         model, opts = self.model, self.options
         gen = None
-        if self.train.intensities is not None:  # fresh, reproducible binarisation
+        if self.train.intensities is not None or opts.augment:  # fresh draws per batch, redrawn alike on resume
             gen = torch.Generator().manual_seed(hash((opts.seed, epoch, batch, self.rank)) % 2**62)
-        x = self.train.batch(idx, gen)
-        if opts.augment:  # a fresh, reproducible draw per batch (an exact resume redraws the same)
-            x = augment(x, torch.Generator().manual_seed(hash((opts.seed, epoch, batch, self.rank, 1)) % 2**62))
+        x = self.train.batch(idx, gen)  # a dynamic binarisation draws first, then the augmentation
+        if opts.augment:
+            x = augment(x, gen)
         x = x.to(self.device, non_blocking=True)
         labels = _labels(model, self.train, idx)
         labels = None if labels is None else labels.to(self.device)
