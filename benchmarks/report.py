@@ -80,7 +80,8 @@ def main() -> None:
                         help="markdown file shown under the table (how the runs were made, what they miss)")
     args = parser.parse_args()
     for result in Path(args.runs_dir).glob(f"*/{RESULT}"):
-        keep_record(result.parent, "bmnist")
+        if "preset" in RunDir(result.parent).read_result():  # a train_bmnist run, not another job beside it
+            keep_record(result.parent, "bmnist")
     runs = sorted(p.parent for p in (RECORDS / "bmnist").glob(f"*/{RESULT}"))
     results = {run: RunDir(run).read_result() for run in runs}
     rows = ["| run | model | architecture | parameters | test NLL (nats) | published | epochs | training time "
