@@ -64,6 +64,7 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "positive": ("a finite number > 0", lambda v: _is_number(v) and v > 0),
     "nonnegative": ("a finite number >= 0", lambda v: _is_number(v) and v >= 0),
     "flag": ("True or False", lambda v: isinstance(v, bool)),
+    "fraction": ("a number strictly between 0 and 1", lambda v: _is_number(v) and 0 < v < 1),
 }
 
 
@@ -100,6 +101,9 @@ class TrainOptions:
                                       "AVX512-BF16 or AMX); likelihoods are reported in fp32")
     augment: bool = _option(False, "flag", "classifiers: train on random left-right flips and shifts of up to 2 "
                                            "pixels (a density model would learn the augmented images instead)")
+    ema: float | None = _option(None, "fraction", "Polyak averaging: keep an exponential moving average of the "
+                                                  "weights with this decay per step (e.g. 0.9995), and evaluate, "
+                                                  "select and save it instead of the raw weights")
 
     def validate(self) -> None:
         """ValueError naming the first option that is out of range or of the wrong type."""
@@ -172,9 +176,12 @@ def evaluate(model: nn.Module, dataset: ImageDataset, batch_size: int = 256, pro
 
 
 # ----------------------------------------------------------------------------- trainer state
-def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState) -> None:
-    """Weights, optimiser tensors and RNG in one safetensors file, the rest as JSON metadata."""
+def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState,
+                average: dict[str, Tensor] | None = None) -> None:
+    """Weights, optimiser tensors, RNG and the weights' moving ``average`` (if any) in one
+    safetensors file, the rest as JSON metadata."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in (average or {}).items()})
     optim = optimizer.state_dict()
     for index, slots in optim["state"].items():
         for key, value in slots.items():
@@ -206,6 +213,12 @@ def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) 
     return TrainerState.from_json(meta)
 
 
+def _load_average(path: Path) -> dict[str, Tensor]:
+    """The weights' moving average a trainer state holds ({} when it was saved without one)."""
+    tensors, _ = RunDir(path.parent).read_state()
+    return {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+
+
 @dataclass
 class TrainerState:
     """Where a run stands: its position, its best validation NLL and whether it is done. Saved as
@@ -223,6 +236,7 @@ class TrainerState:
     train_nll: float | None = None  # running mean over the epoch's steps
     evaluated_step: int = -1  # the step of the last evaluation the record holds
     warmup_from: int = 0  # the step at which Adam's moments last started fresh
+    averaged_steps: int = 0  # steps the weights' moving average has seen (TrainOptions.ema)
 
     def warmup_factor(self, warmup: int) -> float:
         """The learning rate's factor at the next step: a linear ramp over the ``warmup`` steps after
@@ -346,6 +360,7 @@ class Trainer:
         self.optimizer = adam(model, options.lr, options.weight_decay)
         self.state = TrainerState()
         self.best: dict[str, Tensor] | None = None  # in-memory copy of the best weights
+        self.average: dict[str, Tensor] | None = None  # the weights' moving average (options.ema)
         self.flag = {"stop": 0}  # the signal that asked to stop
         self.net: nn.Module = torch.compile(model) if options.compile else model
         if self.world > 1:
@@ -386,6 +401,8 @@ class Trainer:
             if any(recorded.get(k, getattr(opts, k)) != getattr(opts, k) for k in ("lr", "lr_decay")):
                 for group in self.optimizer.param_groups:  # honour a new schedule from this epoch on
                     group["lr"] = opts.lr * opts.lr_decay ** state.epoch
+            if opts.ema is not None:
+                self.start_average(_load_average(run / STATE))
         elif self.main:  # the other processes would see the config it writes next
             run.refuse_existing(self.overwrite)
             run.clear()
@@ -409,17 +426,65 @@ class Trainer:
                 raise ValueError(f"{self.run_dir.path} ran with {key} {recorded[key]}, not {now[key]}: {why}; "
                                  f"resume with {key} {recorded[key]}")
 
+    # ----------------------------------------------------------------- the weights' moving average
+    def start_average(self, saved: dict[str, Tensor] | None = None) -> None:
+        """Begin Polyak averaging (``options.ema``): from ``saved`` when a resumed run holds one
+        that fits the model, else from the current weights, counting from zero."""
+        current = self.model.state_dict()
+        if not saved or set(saved) != set(current):
+            saved, self.state.averaged_steps = None, 0
+        self.average = {k: (saved[k] if saved else v).detach().to(v.device, copy=True) for k, v in current.items()}
+        # in-place pairs: (average, weight) for floating tensors, copied as they are otherwise
+        floating = [k for k, v in current.items() if v.is_floating_point()]
+        self._averaged = ([self.average[k] for k in floating], [current[k] for k in floating])
+        self._copied = [(self.average[k], current[k]) for k in current if k not in set(floating)]
+
+    @torch.no_grad()
+    def update_average(self) -> None:
+        """One step of the moving average, its decay ramped up as min(ema, (1 + n) / (10 + n)) after
+        n steps, so that the first weights, far from where training goes, fade out quickly."""
+        n = self.state.averaged_steps
+        decay = min(self.options.ema, (1 + n) / (10 + n))
+        torch._foreach_lerp_(self._averaged[0], self._averaged[1], 1.0 - decay)
+        for average, weight in self._copied:
+            average.copy_(weight)
+        self.state.averaged_steps = n + 1
+
+    @contextmanager
+    def evaluated_weights(self) -> Iterator[None]:
+        """The weights evaluation sees: the moving average while averaging (the raw weights are put
+        back afterwards), else the model's own."""
+        if self.average is None:
+            yield
+            return
+        raw = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.average)
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(raw)
+
     # ----------------------------------------------------------------- checkpoint
     def checkpoint(self) -> None:
         if self.main and self.run_dir is not None:
-            _save_state(self.run_dir / STATE, self.model, self.optimizer, self.state)
+            _save_state(self.run_dir / STATE, self.model, self.optimizer, self.state, self.average)
 
     # ----------------------------------------------------------------- evaluate and select
     def evaluate_and_select(self, epoch: float) -> None:
         """Validation (best weights, early stopping) and monitored splits; one metrics line."""
-        state, opts, main = self.state, self.options, self.main
+        state = self.state
         record = {"step": state.step, "epoch": round(epoch, 4), "train_nll": state.train_nll,
                   "time": round(state.elapsed, 2), "lr": self.optimizer.param_groups[0]["lr"]}
+        with self.evaluated_weights():
+            self._evaluate_into(record, epoch)
+        state.evaluated_step = state.step
+        if self.main and self.run_dir is not None:
+            self.run_dir.append_metrics(record)
+
+    def _evaluate_into(self, record: dict, epoch: float) -> None:
+        """Evaluate the model's weights as they are now into ``record``: validation (keeping the
+        best, early stopping) and the monitored splits."""
+        state, opts, main = self.state, self.options, self.main
         save = self.valid is None
         if self.valid is not None:
             metrics = evaluate(self.model, self.valid, opts.eval_batch_size)
@@ -440,9 +505,6 @@ class Trainer:
         for name, dataset in (self.monitor or {}).items():
             extra = evaluate(self.model, dataset, opts.eval_batch_size)
             record.update({f"{name}_{k}": v for k, v in extra.items() if k != "n"})
-        state.evaluated_step = state.step
-        if main and self.run_dir is not None:
-            self.run_dir.append_metrics(record)
 
     # ----------------------------------------------------------------- one epoch
     def stop_reason(self) -> str | None:
@@ -486,6 +548,8 @@ class Trainer:
                 group["lr"] = rate
         else:
             self.optimizer.step()
+        if self.average is not None:
+            self.update_average()
         return loss.detach()
 
     def train_epoch(self) -> bool:
@@ -550,6 +614,8 @@ class Trainer:
         # decides; train_epoch asks again every THREADS_RECHECK seconds)
         self.work = self.model.op_work(opts.batch_size) if hasattr(self.model, "op_work") else float("inf")
         self.most_threads = torch.get_num_threads()
+        if opts.ema is not None and self.average is None:  # a new run, or one resumed before setup() ran
+            self.start_average()
         with _stop_on_signals(self.flag), intra_op_threads(threads_for(self.work, "train")):
             while self.stop_reason() is None:
                 if not self.train_epoch():
@@ -569,7 +635,10 @@ class Trainer:
         if self.best is None and self.valid is not None and run is not None and (run / WEIGHTS).exists():
             self.best = run.read_weights(self.device)  # the best came before the resume
         elif self.best is None and run is not None and self.main and not (run / WEIGHTS).exists():
-            run.write_weights(self.model.state_dict())  # stopped before its first evaluation: what it has
+            # stopped before its first evaluation: what it has
+            run.write_weights(self.average if self.average is not None else self.model.state_dict())
+        if self.best is None and self.average is not None:  # no validation set: the average is the model
+            self.best = self.average
         if self.best is not None:
             load_weights(self.model, self.best, run / WEIGHTS if run is not None else Path(WEIGHTS))
         return {

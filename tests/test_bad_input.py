@@ -72,6 +72,8 @@ def cases(root):
         train + ["--batch-size", "0"],
         train + ["--lr", "nan"],
         train + ["--lr", "-1"],
+        train + ["--ema", "1"],
+        train + ["--ema", "0"],
         train + ["--set", "hidden=10**12"],
         ["train", "pixelcnn", "--run-dir", new, "--set", "kernel_size=4"],
         ["train", "pixelcnn", "--run-dir", new, "--set", "kernel_size=0"],

@@ -71,10 +71,10 @@ def test_killed_between_logging_and_checkpointing_logs_each_evaluation_once(digi
     class Killed(Exception):
         pass
 
-    def save_then_die_after_epoch_1(path, model, optimizer, state):
+    def save_then_die_after_epoch_1(path, model, optimizer, state, *average):
         if state.epoch == 1 and state.batch == 0:  # the checkpoint that follows epoch 1's log line
             raise Killed
-        real_save(path, model, optimizer, state)
+        real_save(path, model, optimizer, state, *average)
 
     monkeypatch.setattr(pc.train, "_save_state", save_then_die_after_epoch_1)
     with pytest.raises(Killed):
@@ -84,6 +84,52 @@ def test_killed_between_logging_and_checkpointing_logs_each_evaluation_once(digi
     pc.fit(new_model(digits), train, valid, run_dir=tmp_path / "run", resume=True, **kwargs)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
+
+
+def test_polyak_average_is_what_trains_resumes_and_is_returned(digits, tmp_path):
+    """With ema, the trainer keeps a_{n+1} = d_n a_n + (1 - d_n) w_{n+1} (d_n = min(ema, (1+n)/(10+n)),
+    a_0 the initial weights) beside the raw weights w_n, carries it across a resume, and the model
+    it returns (no validation set) is the average, not the last raw weights."""
+    train, _ = digits
+    kwargs = dict(epochs=5, batch_size=50, lr=3e-2, ema=0.5, checkpoint_seconds=0, progress=False)
+    model = new_model(digits, "fully_visible", {})
+    raw = [{k: v.clone() for k, v in model.state_dict().items()}]
+    for step in range(1, 7):  # one step per call, resumed each time
+        pc.fit(model, train, run_dir=tmp_path / "run", resume=step > 1, max_steps=step, **kwargs)
+        raw.append({k[6:]: v for k, v in weights(tmp_path / "run").items()})
+    average = dict(raw[0])
+    for n, w in enumerate(raw[1:]):
+        d = min(0.5, (1 + n) / (10 + n))
+        average = {k: d * average[k] + (1 - d) * w[k] for k in average}
+    saved = {k[4:]: v for k, v in load_file(str(tmp_path / "run" / STATE)).items() if k.startswith("ema.")}
+    assert saved.keys() == average.keys()
+    for k in average:
+        torch.testing.assert_close(saved[k], average[k])
+        torch.testing.assert_close(model.state_dict()[k], average[k])  # fit returns the average
+    assert any(not torch.allclose(raw[-1][k], average[k]) for k in average)  # which is not the raw weights
+    # the same six steps in one call: the same average
+    once = new_model(digits, "fully_visible", {})
+    pc.fit(once, train, run_dir=tmp_path / "once", max_steps=6, **kwargs)
+    for k in average:
+        torch.testing.assert_close(once.state_dict()[k], average[k])
+
+
+def test_polyak_average_is_what_validation_selects(digits, tmp_path):
+    """With a validation set, each evaluation scores the average and the best average is saved."""
+    train, valid = digits
+    model = new_model(digits, "fully_visible", {})
+    pc.fit(model, train, valid, run_dir=tmp_path / "run", epochs=2, batch_size=50, lr=3e-2, ema=0.9, progress=False)
+    best = min(json.loads(x)["valid_nll"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    assert pc.evaluate(pc.load(tmp_path / "run"), valid)["nll"] == pytest.approx(best, rel=1e-6)
+    assert pc.evaluate(model, valid)["nll"] == pytest.approx(best, rel=1e-6)
+    state = load_file(str(tmp_path / "run" / STATE))
+    raw = new_model(digits, "fully_visible", {})
+    raw.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+    average = new_model(digits, "fully_visible", {})
+    average.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["valid_nll"]
+    assert pc.evaluate(average, valid)["nll"] == pytest.approx(last, rel=1e-6)  # the average was scored
+    assert pc.evaluate(raw, valid)["nll"] != pytest.approx(last, rel=1e-6)  # not the raw weights
 
 
 def test_fit_improves_the_likelihood(digits, tmp_path):
