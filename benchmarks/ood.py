@@ -11,7 +11,7 @@ out-sets of training-split MNIST and Caltech images, noise of another seed and f
 the test out-sets below were not looked at for that choice. The row "Fashion-MNIST train" puts 500
 training images against the test in-set: it should stay near 0.5 (no false alarms on new images of the kind).
 PixelDefend's adversarial sets are FGSM and BIM (eps 8) on ``fmnist_resnet``. A second
-in-distribution, binarized MNIST with its shipped ``bmnist_pixelcnn_pp_cpu`` (no background shipped),
+in-distribution, binarized MNIST with its shipped ``bmnist_pixelcnn_pp`` (no background shipped),
 shows the scores are not tuned to one dataset. Features (bits maps, codec lengths) are cached.
 """
 
@@ -227,7 +227,7 @@ def choose_combination(model, background, reference: ood.Features, feats: dict[s
 
 def bmnist(cache: Path) -> list[str]:
     """Binarized MNIST in, with its shipped PixelCNN++: the scores without a background model."""
-    model = pc.load("bmnist_pixelcnn_pp_cpu")
+    model = pc.load("bmnist_pixelcnn_pp")
     test, valid, train = (pc.data.load("binarized_mnist", s).images for s in ("test", "valid", "train"))
     g = torch.Generator().manual_seed(3)
     # the splits are grouped by digit: random draws, not the first images
@@ -243,8 +243,8 @@ def bmnist(cache: Path) -> list[str]:
     feats = {n: cached_features(cache, "bm", n, x, model, None, ood.CODECS) for n, x in sets.items()}
     scores = [s for s in ood.SCORES if s != "ratio"]
     rows, _ = table(model, None, reference, feats, scores, 0)
-    print("\nbinarized MNIST (bmnist_pixelcnn_pp_cpu), PNG\n" + "\n".join(rows))
-    return ["", "Second in-distribution: binarized MNIST, `bmnist_pixelcnn_pp_cpu`, no background model (so "
+    print("\nbinarized MNIST (bmnist_pixelcnn_pp), PNG\n" + "\n".join(rows))
+    return ["", "Second in-distribution: binarized MNIST, `bmnist_pixelcnn_pp`, no background model (so "
             "`combined` joins typicality, complexity and local).", ""] + rows
 
 
