@@ -8,6 +8,9 @@ import json
 from benchmarks import gpu_session
 from pixelchain.train import STATE
 
+FRESH = gpu_session.Job("fmnist_pixelcnn_pp_48", train=("pixelcnn_pp", "--dataset", "fashion_mnist", "--set",
+                                                       "channels=48", "--set", "head='mixture'"))
+
 
 def test_each_job_starts_where_the_repository_left_it(tmp_path):
     Job, start = gpu_session.Job, gpu_session.start_option
@@ -18,14 +21,14 @@ def test_each_job_starts_where_the_repository_left_it(tmp_path):
     (tmp_path / "pixelcnn_drop10" / STATE).touch()
     assert start(Job("pixelcnn_drop10", preset="pixelcnn_drop10"), tmp_path) == ["--resume"]  # this session's
     assert start(gpu_session.BY_NAME["fmnist_pixelcnn_pp"], tmp_path) == ["--from-shipped"]
-    assert start(gpu_session.BY_NAME["fmnist_pixelcnn_pp_48"], tmp_path) == []
+    assert start(FRESH, tmp_path) == []
     # a continued checkpoint is seeded by its continue_runs job (whose table holds the record's curve)
     continued = {j.name for j in gpu_session.CONTINUED}
     assert all(job.shipped in continued for job in gpu_session.JOBS if job.shipped)
 
 
 def test_a_pixelchain_train_job_starts_fresh_then_resumes_its_run(tmp_path):
-    job = gpu_session.BY_NAME["fmnist_pixelcnn_pp_48"]
+    job = FRESH
     argv = gpu_session.command(job, tmp_path, [], "cuda", 60.0)
     assert argv[1:4] == ["-m", "pixelchain.cli", "train"] and "head='mixture'" in argv
     assert argv[argv.index("--run-dir") + 1] == str(tmp_path / job.name) and "--amp" in argv
@@ -67,3 +70,21 @@ def test_pack_and_unpack(tmp_path, monkeypatch):
     assert (back / "a" / "model.safetensors").read_bytes() == b"0" * 3_000
     assert (back / "b" / "model.safetensors").is_file() and not (back / "c" / "model.safetensors").exists()
     assert (back / "c" / "metrics.jsonl").is_file() and (back / "d" / "train.log").read_text() == "Traceback"
+
+
+def test_trim_sets_aside_the_weights_no_job_needs_and_restore_puts_them_back(tmp_path, monkeypatch):
+    shipped, aside = tmp_path / "checkpoints", tmp_path / ".aside"
+    for name in ("bmnist_transformer", "bmnist_nade", "fmnist_pixelcnn_pp"):
+        (shipped / name).mkdir(parents=True)
+        (shipped / name / "model.safetensors").write_bytes(name.encode())
+        (shipped / name / "config.json").write_text("{}")
+    monkeypatch.setattr(gpu_session, "PRETRAINED_DIR", shipped)
+    monkeypatch.setattr(gpu_session, "ASIDE", aside)
+    gpu_session.trim(argparse.Namespace(jobs=["transformer", "fmnist_pixelcnn_pp"]))
+    assert sorted(p.parent.name for p in shipped.glob("*/model.safetensors")) == ["bmnist_transformer",
+                                                                                  "fmnist_pixelcnn_pp"]
+    assert (aside / "bmnist_nade" / "model.safetensors").read_bytes() == b"bmnist_nade"
+    assert (shipped / "bmnist_nade" / "config.json").is_file()  # only the weights travel aside
+    gpu_session.restore(argparse.Namespace())
+    assert (shipped / "bmnist_nade" / "model.safetensors").read_bytes() == b"bmnist_nade"
+    assert not list(aside.glob("*/model.safetensors"))
