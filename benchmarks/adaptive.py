@@ -127,6 +127,9 @@ def main() -> None:
     parser.add_argument("--step-size", type=int, default=1, help="PGD step, levels")
     parser.add_argument("--restarts", type=int, default=2)
     parser.add_argument("--routes", nargs="*", default=list(adaptive.ROUTES), choices=adaptive.ROUTES)
+    parser.add_argument("--surrogate-steps", type=int, help="steps per restart of the surrogate route, whose steps "
+                        "cost ~5x the identity's (default: --steps)")
+    parser.add_argument("--surrogate-restarts", type=int, help="restarts of the surrogate route (default: --restarts)")
     parser.add_argument("--temperature", type=float, default=adaptive.TEMPERATURE,
                         help="the smooth purifier's softmax temperature")
     parser.add_argument("--apgd", nargs="*", default=["ce", "dlr"], choices=["ce", "dlr"])
@@ -194,12 +197,15 @@ def against_pixeldefend(args, clf, model, x, y, eps_def: int, prefix: Path, titl
                 clf, defended, x, y, args.eps, steps=40, step_size=2,
                 generator=torch.Generator().manual_seed(args.seed), **common))]
     for route in args.routes:
-        attacks.append((f"PGD-{route}, {args.steps} steps of {args.step_size}, {args.restarts} random starts",
-                        f"pgd_{route}_s{args.steps}x{args.step_size}_r{args.restarts}"
-                        + (f"_t{args.temperature}" if route == "surrogate" else ""),
+        surrogate = route == "surrogate"
+        steps = (args.surrogate_steps if surrogate else None) or args.steps
+        restarts = (args.surrogate_restarts if surrogate else None) or args.restarts
+        attacks.append((f"PGD-{route}, {steps} steps of {args.step_size}, {restarts} random starts",
+                        f"pgd_{route}_s{steps}x{args.step_size}_r{restarts}"
+                        + (f"_t{args.temperature}" if surrogate else ""),
                         f"PGD-{route}", partial(
-                            adaptive.pgd, clf, defended, x, y, args.eps, steps=args.steps, step_size=args.step_size,
-                            restarts=args.restarts, route=route, model=model, eps_def=eps_def,
+                            adaptive.pgd, clf, defended, x, y, args.eps, steps=steps, step_size=args.step_size,
+                            restarts=restarts, route=route, model=model, eps_def=eps_def,
                             temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed + 1),
                             **common)))
     apgd_steps = args.apgd_steps or args.steps
