@@ -56,15 +56,26 @@ def test_pointwise_convolutions_as_matrix_products_equal_conv2d(groups):
         torch.testing.assert_close(got, want)
 
 
-def test_dropout_only_in_training():
-    """PixelCNN's ``dropout`` adds no parameters and changes nothing in evaluation (the exact
-    likelihood); in training it perturbs the parameters of the conditionals."""
-    plain = build("pixelcnn", (1, 6, 5), channels=8, num_blocks=2)
-    dropped = build("pixelcnn", (1, 6, 5), channels=8, num_blocks=2, dropout=0.5)
+@pytest.mark.parametrize("name, sizes", [("pixelcnn", {"num_blocks": 2}), ("gated_pixelcnn", {"num_layers": 2})])
+def test_dropout_only_in_training(name, sizes):
+    """``dropout`` adds no parameters and changes nothing in evaluation (the exact likelihood);
+    in training it perturbs the parameters of the conditionals."""
+    plain = build(name, (1, 6, 5), channels=8, **sizes)
+    dropped = build(name, (1, 6, 5), channels=8, dropout=0.5, **sizes)
     dropped.load_state_dict(plain.state_dict())
     x = torch.randint(0, 2, (4, 1, 6, 5))
     torch.testing.assert_close(dropped.log_prob(x), plain.log_prob(x), rtol=0, atol=0)
     assert not torch.equal(dropped.train()(x), plain(x))
+    # still autoregressive in training: under the same dropout draw, a pixel changes no earlier pixel's
+    # parameters
+    changed = x.clone()
+    changed[:, 0, 3, 2] = 1 - changed[:, 0, 3, 2]
+    torch.manual_seed(1)
+    before = dropped(x)
+    torch.manual_seed(1)
+    after = dropped(changed)
+    assert torch.equal(before.flatten(2)[..., : 3 * 5 + 2], after.flatten(2)[..., : 3 * 5 + 2])
+    assert not torch.equal(before, after)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -153,10 +153,10 @@ class GatedLayer(nn.Module):
     """
 
     def __init__(self, in_channels: int, channels: int, kernel_size: int, groups: int,
-                 first: bool, num_classes: int | None, last: bool = False) -> None:
+                 first: bool, num_classes: int | None, last: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
         k, r = kernel_size, kernel_size // 2
-        self.first, self.last = first, last
+        self.first, self.last, self.dropout = first, last, dropout
         # exact outputs: the vertical pre-activation is zeroed in place and read by the link
         self.vertical_conv = CausalConv2d(in_channels, 2 * channels, (r + 1, k), (r, 0, r, r), exact_output=True)
         self.link = CausalConv2d(2 * channels, 2 * channels, (1, 1))
@@ -200,6 +200,8 @@ class GatedLayer(nn.Module):
         if self.class_bias is not None:
             pre = self.add_class_bias(pre, labels, 1)
         g = gate(pre)
+        if self.dropout and self.training:  # on what the residual and skip projections read
+            g = F.dropout(g, self.dropout, True)
         if self.last:
             return None, run(self.skip, g)
         return (g if self.residual is None else run(self.residual, g).add_(h)), run(self.skip, g)
@@ -207,7 +209,9 @@ class GatedLayer(nn.Module):
 
 @register("gated_pixelcnn")
 class GatedPixelCNN(AutoregressiveModel):
-    """Gated PixelCNN: ``num_layers`` gated layers of ``channels`` after a 7x7 gated input layer."""
+    """Gated PixelCNN: ``num_layers`` gated layers of ``channels`` after a 7x7 gated input layer.
+    ``dropout``: the rate on each layer's gated horizontal output, in training (a regulariser: no
+    parameters; evaluation and decoding are unchanged)."""
 
     def __init__(
         self,
@@ -219,17 +223,20 @@ class GatedPixelCNN(AutoregressiveModel):
         input_kernel_size: int = 7,
         head_channels: int = 64,
         num_classes: int | None = None,
+        dropout: float = 0.0,
     ) -> None:
         check_sizes(channels=channels, num_layers=num_layers, kernel_size=kernel_size,
                     input_kernel_size=input_kernel_size, head_channels=head_channels)
         check_odd(kernel_size=kernel_size, input_kernel_size=input_kernel_size)
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         super().__init__(image_shape, num_levels, default_head(num_levels), num_classes)
         C = self.image_shape[0]
         self.subpixel = C > 1
         self.layers = nn.ModuleList(
             [GatedLayer(C, channels, input_kernel_size, C, True, num_classes)]
-            + [GatedLayer(channels, channels, kernel_size, C, False, num_classes, last=i == num_layers - 1)
-               for i in range(num_layers)]
+            + [GatedLayer(channels, channels, kernel_size, C, False, num_classes, last=i == num_layers - 1,
+                          dropout=dropout) for i in range(num_layers)]
         )
         self.head_layers = nn.Sequential(
             nn.ReLU(inplace=True), pointwise_conv(channels, head_channels, C),
