@@ -192,12 +192,16 @@ def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
     RunDir(path.parent).write_state(tensors, {**asdict(state), "param_groups": optim["param_groups"]})
 
 
-def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainerState:
-    """Restore model, optimiser and RNG from a trainer state; returns the position. ValueError names
-    the file when it is damaged or belongs to another model or optimiser."""
+def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                average: dict[str, Tensor] | None = None) -> TrainerState:
+    """Restore model, optimiser and RNG from a trainer state; returns the position, and fills
+    ``average`` (when given) with the weights' moving average the file holds, if any. ValueError
+    names the file when it is damaged or belongs to another model or optimiser."""
     device = next(model.parameters()).device
     tensors, meta = RunDir(path.parent).read_state()
     load_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    if average is not None:
+        average.update({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     slots: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -211,12 +215,6 @@ def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) 
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return TrainerState.from_json(meta)
-
-
-def _load_average(path: Path) -> dict[str, Tensor]:
-    """The weights' moving average a trainer state holds ({} when it was saved without one)."""
-    tensors, _ = RunDir(path.parent).read_state()
-    return {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
 
 
 @dataclass
@@ -361,6 +359,8 @@ class Trainer:
         self.state = TrainerState()
         self.best: dict[str, Tensor] | None = None  # in-memory copy of the best weights
         self.average: dict[str, Tensor] | None = None  # the weights' moving average (options.ema)
+        self._averaged: tuple[list[Tensor], list[Tensor]] = ([], [])  # its floating tensors, the weights'
+        self._copied: list[tuple[Tensor, Tensor]] = []  # its other tensors (counters, indices) and the weights'
         self.flag = {"stop": 0}  # the signal that asked to stop
         self.net: nn.Module = torch.compile(model) if options.compile else model
         if self.world > 1:
@@ -390,7 +390,8 @@ class Trainer:
                 raise FileNotFoundError(f"nothing to resume: {run / STATE} does not exist")
             recorded = run.read_config().get("train", {}) if (run / CONFIG).is_file() else {}
             self._check_unchanged(recorded, ["weight_decay"], "its optimiser was built with it")
-            state = self.state = _load_state(run / STATE, self.model, self.optimizer)
+            saved_average: dict[str, Tensor] = {}
+            state = self.state = _load_state(run / STATE, self.model, self.optimizer, saved_average)
             if not self.optimizer.state:  # a checkpoint continued without its moments
                 state.warmup_from = state.step
             if state.batch:
@@ -402,7 +403,7 @@ class Trainer:
                 for group in self.optimizer.param_groups:  # honour a new schedule from this epoch on
                     group["lr"] = opts.lr * opts.lr_decay ** state.epoch
             if opts.ema is not None:
-                self.start_average(_load_average(run / STATE))
+                self.start_average(saved_average)
         elif self.main:  # the other processes would see the config it writes next
             run.refuse_existing(self.overwrite)
             run.clear()
@@ -437,7 +438,7 @@ class Trainer:
         # in-place pairs: (average, weight) for floating tensors, copied as they are otherwise
         floating = [k for k, v in current.items() if v.is_floating_point()]
         self._averaged = ([self.average[k] for k in floating], [current[k] for k in floating])
-        self._copied = [(self.average[k], current[k]) for k in current if k not in set(floating)]
+        self._copied = [(self.average[k], v) for k, v in current.items() if not v.is_floating_point()]
 
     @torch.no_grad()
     def update_average(self) -> None:
@@ -614,7 +615,7 @@ class Trainer:
         # decides; train_epoch asks again every THREADS_RECHECK seconds)
         self.work = self.model.op_work(opts.batch_size) if hasattr(self.model, "op_work") else float("inf")
         self.most_threads = torch.get_num_threads()
-        if opts.ema is not None and self.average is None:  # a new run, or one resumed before setup() ran
+        if opts.ema is not None and self.average is None:  # a new run (setup() started a resumed one's)
             self.start_average()
         with _stop_on_signals(self.flag), intra_op_threads(threads_for(self.work, "train")):
             while self.stop_reason() is None:

@@ -37,8 +37,7 @@ def test_a_pixelchain_train_job_starts_fresh_then_resumes_its_run(tmp_path):
         {"model": "pixelcnn_pp", "args": {"image_shape": [1, 28, 28], "num_levels": 256}}))
     argv = gpu_session.command(job, tmp_path, ["--resume"], "cpu", 60.0)
     assert argv[3:6] == ["train", "pixelcnn_pp", "--resume"] and "--no-amp" in argv and "--set" not in argv
-    # a job's own arguments reach its resumed run too: the shipped density model was finalised by
-    # --max-steps at its last step, and would stop at once without the job lifting it
+    # a job's own arguments reach a resumed pixelchain-train run too, as they reach a preset's
     lifted = gpu_session.Job("lifted", shipped="fmnist_pixelcnn_pp", extra=("--max-steps", "1000000"))
     (tmp_path / "lifted").mkdir()
     (tmp_path / "lifted" / "config.json").write_text((tmp_path / job.name / "config.json").read_text())
