@@ -6,7 +6,7 @@ machine), with the same weights and batches.
     python -m benchmarks.ab_speed made_32_masks --set hidden=1000,1000 --against main --eval-images 1024
 
 Train = ``--steps`` optimiser steps (forward, backward, Adam) on consecutive training batches of
-the preset's size; eval = ``log_prob_batches`` of ``--eval-images`` validation images in batches of
+the preset's size; eval = ``log_prob`` of ``--eval-images`` validation images in batches of
 256 (what ``pc.evaluate`` runs). Only the model's file comes from the revision (its classes
 registered under other names); everything else is the working tree's. One thread; the best of
 ``--rounds``.
@@ -87,7 +87,8 @@ def main() -> None:
 
     def evaluate(key: str) -> None:
         with torch.no_grad():
-            models[key].eval().log_prob_batches(list(valid.split(256)))
+            for batch in valid.split(256):
+                models[key].eval().log_prob(batch)
 
     work = {"train": train_steps} | ({"eval": evaluate} if args.eval_images else {})
     seconds = {(k, w): [] for k in models for w in work}

@@ -46,13 +46,13 @@ PRESETS = {
     "nade": ("nade", {"hidden": 500}, {"batch_size": 100, "lr": 2e-3, "lr_decay": 0.98}),
     # one random input order (raster order left MADE near 101 nats: its low-degree hidden units see
     # only the blank top rows)
-    "made": ("made", {"hidden": (500,), "num_masks": 1, "order_agnostic": True}, {"batch_size": 100, "lr": 1e-3}),
+    "made": ("made", {"hidden": (500,), "order_agnostic": True}, {"batch_size": 100, "lr": 1e-3}),
     # the paper's width, one mask in raster order with direct input-output connections (hidden units
     # sorted by degree: the masked products skip the masked-out half)
-    "made_8000": ("made", {"hidden": (8000,), "num_masks": 1, "direct": True},
+    "made_8000": ("made", {"hidden": (8000,), "direct": True},
                   {"batch_size": 100, "lr": 5e-4, "lr_decay": 0.97}),
     # the paper's best: two hidden layers of 8000, 32 connectivity masks cycled one per minibatch
-    "made_32_masks": ("made", {"hidden": (8000, 8000), "num_masks": 32, "direct": True},
+    "made_32_masks": ("made_ensemble", {"hidden": (8000, 8000), "num_masks": 32, "direct": True},
                       {"batch_size": 100, "lr": 5e-4, "lr_decay": 0.98}),
     "pixelcnn": ("pixelcnn", {"channels": 64, "num_blocks": 12, "head_channels": 64},
                  {"batch_size": 64, "lr": 1e-3, "lr_decay": 0.96}),

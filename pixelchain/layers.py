@@ -29,6 +29,17 @@ class MaskedLinear(nn.Linear):
         self.register_buffer("mask", torch.empty(out_features, in_features), persistent=False)  # derived, not saved
         self.set_mask(mask)
 
+    @classmethod
+    def sharing(cls, layer: nn.Linear, mask: Tensor) -> MaskedLinear:
+        """A masked view of ``layer``: the same weight and bias Parameters (trained together with
+        it) under its own bool ``mask``, kept as given (MADE's ensemble members)."""
+        with torch.device("meta"):
+            view = cls(layer.in_features, layer.out_features, torch.ones(layer.out_features, layer.in_features),
+                       bias=layer.bias is not None)
+        view.weight, view.bias = layer.weight, layer.bias
+        view.mask = mask.to(layer.weight.device)
+        return view
+
     def set_mask(self, mask: Tensor) -> None:
         if mask.shape != self.weight.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(self.weight.shape)}")

@@ -47,6 +47,9 @@ class Registry:
         if name not in self.classes:
             raise ValueError(f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self.classes))}")
         cls = self.classes[name]
+        if hasattr(cls, "variant"):  # a name whose arguments choose the class (made, num_masks=M: the ensemble)
+            name, args = cls.variant(args)
+            cls = self.classes[name]
         known = [p for p in inspect.signature(cls.__init__).parameters if p != "self" and p not in self.fixed]
         unknown = sorted(set(args) - set(known) - set(self.fixed))
         if unknown:

@@ -44,11 +44,11 @@ def log_prob(model: nn.Module, x: Tensor, labels: Tensor | None = None, batch_si
     """log p(x) in nats of every image, ``batch_size`` at a time on the model's device, in
     ``eval()`` mode and without building a graph: x int64 [N, C, H, W] -> float64 [N] (CPU)."""
     with eval_mode(model):
-        if labels is None:  # MADE averages its masks over all the batches at once
-            return model.log_prob_batches(list(x.split(batch_size)), progress).cpu()
-        parts = zip(x.split(batch_size), labels.split(batch_size), strict=True)
-        return torch.cat([model.log_prob(xb.to(model.device), lb.to(model.device)).double().cpu()
-                          for xb, lb in tqdm(list(parts), desc="evaluating", disable=not progress, leave=False)])
+        xs = x.split(batch_size)
+        parts = zip(xs, [None] * len(xs) if labels is None else labels.split(batch_size), strict=True)
+        out = [model.log_prob(xb.to(model.device), None if lb is None else lb.to(model.device)).double().cpu()
+               for xb, lb in tqdm(list(parts), desc="evaluating", disable=not progress, leave=False)]
+    return torch.cat(out)
 
 
 @torch.no_grad()

@@ -154,10 +154,6 @@ def evaluate(model: nn.Module, dataset: ImageDataset, batch_size: int = 256, pro
     index = torch.arange(len(dataset))[rank::world]
     total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of NLL, sum of correct
     batches = index.split(batch_size)
-    if model.kind != "classifier" and _labels(model, dataset, index[:0]) is None:
-        # a density model sees the split in one call (MADE loops over its masks outside the batches)
-        total[0] -= model.log_prob_batches([dataset.images[idx] for idx in batches], progress and rank == 0).sum()
-        batches = ()
     for idx in tqdm(batches, desc="evaluating", disable=not progress or rank != 0, leave=False):
         x = dataset.images[idx].to(device)  # a dynamic set's fixed draw, so evaluation is repeatable
         labels = _labels(model, dataset, idx)

@@ -28,10 +28,7 @@ def test_made_ensemble_is_normalised_and_a_mean_of_likelihoods():
     every = enumerate_images((1, 2, 3), 2)
     with torch.no_grad():
         ensemble = model.log_prob(every)
-        per_mask = []
-        for m in range(3):
-            model.use_mask(m)
-            per_mask.append(model.head.log_prob(model.params(every), every).flatten(1).sum(1))
+        per_mask = [model.member(m).log_prob(every) for m in range(3)]
     assert abs(ensemble.exp().sum().item() - 1) < 1e-9
     mean_of_likelihoods = torch.stack(per_mask).exp().mean(0).log()
     torch.testing.assert_close(ensemble, mean_of_likelihoods)
@@ -83,7 +80,8 @@ def test_made_ensemble_in_different_orders_refuses_what_it_cannot_compute():
 
 def test_made_order_agnostic_decodes_in_its_own_order():
     torch.manual_seed(0)
-    model = randomised(pc.create("made", (1, 3, 3), 3, hidden=(20, 20), num_masks=2, order_agnostic=True))
+    ensemble = randomised(pc.create("made", (1, 3, 3), 3, hidden=(20, 20), num_masks=2, order_agnostic=True))
+    model = ensemble.member(1)  # a MADE in its own (non-raster) order
     order = model.decoding_order()
     assert sorted(order) == sorted((0, h, w) for h in range(3) for w in range(3))
     assert order != sorted(order)  # a non-raster order, so this test means something
@@ -95,16 +93,17 @@ def test_made_order_agnostic_decodes_in_its_own_order():
                 changed[:, cc, hh, ww] = (changed[:, cc, hh, ww] + 1) % 3
             torch.testing.assert_close(NaiveDecoder(model, changed).conditional(step, c, h, w),
                                        NaiveDecoder(model, x).conditional(step, c, h, w))
-    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    assert torch.equal(model.sample(4, generator=g1), model.sample(4, generator=g2, naive=True))
+    for sampled in (model, ensemble):  # the ensemble decodes each image in its member's order
+        g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        assert torch.equal(sampled.sample(4, generator=g1), sampled.sample(4, generator=g2, naive=True))
 
 
 def test_made_masked_weights_keep_training_when_the_mask_changes():
     torch.manual_seed(0)
     model = pc.create("made", (1, 3, 3), 2, hidden=(16,), num_masks=4).train()
+    assert model.name == "made_ensemble"
     first = model.layers[0]
-    model.use_mask(0)
-    off_in_mask_0 = first.mask == 0
+    off_in_mask_0 = model.member(0).layers[0].mask == 0
     before = first.weight.detach().clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randint(0, 2, (8, 1, 3, 3))
@@ -211,7 +210,7 @@ def test_single_mask_made_skips_masked_out_weights_and_matches_the_dense_product
 
     def params_and_grads():
         model.zero_grad()
-        params = model.params(x)
+        params = model(x)
         (params * torch.linspace(-1, 1, params.numel(), dtype=params.dtype).view_as(params)).sum().backward()
         return params.detach(), [p.grad.clone() for p in model.parameters()]
 
@@ -232,3 +231,27 @@ def test_an_order_agnostic_ensemble_trains_from_the_command_line(tmp_path, capsy
     main(["train", "made", "--dataset", "digits", "--set", "hidden=(16,)", "--set", "num_masks=2", "--set",
           "order_agnostic=True", "--run-dir", str(tmp_path / "run"), "--epochs", "1"])
     assert (tmp_path / "run" / "samples.png").is_file() and not (tmp_path / "run" / "completions.png").exists()
+
+
+def test_made_num_masks_chooses_the_ensemble_and_earlier_files_load(tmp_path):
+    """``made`` with num_masks (configs written when MADE held its ensemble): 1 is MADE, M > 1 the
+    ensemble, anything else a one-line error; their files (degrees [1, D], a mask index) load."""
+    from pixelchain.models.made import MADE, MADEEnsemble
+
+    assert type(pc.create("made", (1, 2, 3), 2, hidden=(8,), num_masks=1)) is MADE
+    ensemble = randomised(pc.create("made", (1, 2, 3), 2, hidden=(8,), num_masks=3))
+    assert type(ensemble) is MADEEnsemble and ensemble.name == "made_ensemble"
+    with pytest.raises(ValueError, match="num_masks must be a positive integer"):
+        pc.create("made", (1, 2, 3), 2, num_masks=0)
+    x = torch.randint(0, 2, (4, 1, 2, 3))
+    single = randomised(pc.create("made", (1, 2, 3), 2, hidden=(8,)))
+    for model, fresh in ((single, pc.create("made", (1, 2, 3), 2, hidden=(8,), seed=1)),
+                         (ensemble, pc.create("made_ensemble", (1, 2, 3), 2, hidden=(8,), num_masks=3, seed=1))):
+        earlier = dict(model.state_dict())
+        if "next_member" in earlier:
+            earlier["mask_index"] = earlier.pop("next_member")
+        else:
+            earlier = {k: v.unsqueeze(0) if k.endswith("_degree") else v for k, v in earlier.items()}
+            earlier["mask_index"] = torch.zeros((), dtype=torch.long)
+        fresh.double().eval().load_state_dict(earlier)
+        torch.testing.assert_close(fresh.log_prob(x), model.log_prob(x))

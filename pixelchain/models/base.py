@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..decode import ConvDecoder, Decoder, KeepObserved, MostLikelyInWindow, NaiveDecoder, Policy, Sample, decode
 from ..heads import Head
@@ -211,12 +210,6 @@ class AutoregressiveModel(RecordsInitArgs, nn.Module):
         log_probs = self.log_prob_map(x, labels)
         with intra_op_threads(threads_for(log_probs.numel())):
             return log_probs.flatten(1).sum(1)
-
-    def log_prob_batches(self, batches: list[Tensor], progress: bool = False) -> Tensor:
-        """log p(x) in nats (float64, on the model's device) of every image of ``batches`` (each
-        [B, C, H, W], moved to the device one at a time), in order: what evaluation calls."""
-        return torch.cat([self.log_prob(x.to(self.device)).double()
-                          for x in tqdm(batches, desc="evaluating", disable=not progress, leave=False)])
 
     def bits_per_dim(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """-log2 p(x) / D: [B]."""
