@@ -255,3 +255,16 @@ def test_made_num_masks_chooses_the_ensemble_and_earlier_files_load(tmp_path):
             earlier["mask_index"] = torch.zeros((), dtype=torch.long)
         fresh.double().eval().load_state_dict(earlier)
         torch.testing.assert_close(fresh.log_prob(x), model.log_prob(x))
+
+
+def test_an_ensemble_member_saved_alone_is_that_made(tmp_path):
+    """member(m) is a MADE like any other: saved alone, it loads with member m's order and
+    likelihood (its degrees travel with its weights)."""
+    ensemble = randomised(pc.create("made_ensemble", (1, 3, 3), 2, hidden=(12,), num_masks=3, order_agnostic=True))
+    member = ensemble.member(2)
+    pc.save(member, tmp_path / "member")
+    loaded = pc.load(tmp_path / "member").double()
+    x = torch.randint(0, 2, (6, 1, 3, 3))
+    assert loaded.name == "made" and loaded.decoding_order() == member.decoding_order()
+    torch.testing.assert_close(loaded.log_prob(x), member.log_prob(x))
+    assert not torch.allclose(ensemble.member(0).log_prob(x), member.log_prob(x))
