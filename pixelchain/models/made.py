@@ -129,7 +129,7 @@ class MADE(AutoregressiveModel):
     @classmethod
     def member_of(cls, ensemble: MADEEnsemble, m: int) -> MADE:
         """Member ``m`` of ``ensemble``: a MADE with member m's degrees whose layers are masked views
-        of the ensemble's weights (trained, moved and saved with the ensemble, not with the member)."""
+        of the ensemble's weights (trained and moved with the ensemble; saved alone, a MADE of its own)."""
         with torch.device("meta"):  # its own layers are replaced by the views below: nothing allocated
             member = cls(ensemble.image_shape, ensemble.num_levels, ensemble.hidden, direct=ensemble.direct is not None)
         member.head = ensemble.head
@@ -229,14 +229,15 @@ class MADEEnsemble(AutoregressiveModel):
     def member(self, m: int) -> MADE:
         """Member ``m`` (a ``MADE`` on views of the shared weights), built on first use and kept until
         the degrees, device, dtype or weights' identity change."""
+        if not (is_integer(m) and 0 <= m < self.num_masks):
+            raise ValueError(f"member must be an integer in [0, {self.num_masks}), got {m!r}")
         key = (self.input_degree._version, self.hidden_degree._version, self.input_degree.device, self.dtype,
                *(id(p) for p in self.parameters()))
         if self._members_key != key:
             self._members, self._members_key = {}, key
         if m not in self._members:
             self._members[m] = MADE.member_of(self, m)
-        member = self._members[m]
-        return member.train(self.training) if member.training != self.training else member
+        return self._members[m].train(self.training)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """In training, the parameters of the next member in turn (one member per minibatch, cycling
