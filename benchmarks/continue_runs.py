@@ -33,7 +33,7 @@ from pathlib import Path
 import pixelchain as pc
 from benchmarks.common import RECORDS, write_shipped_position
 from pixelchain.checkpoint import PRETRAINED_DIR
-from pixelchain.cli import load_split
+from pixelchain.io import load_split
 from pixelchain.run_dir import METRICS, RESULT, STATE, RunDir
 
 RESERVE = 60.0  # seconds a slice needs beyond its training: start-up, the test split, the record

@@ -26,7 +26,7 @@ import torch
 import pixelchain as pc
 from benchmarks import common  # noqa: F401  (local dataset copies)
 from pixelchain.checkpoint import PRETRAINED_DIR
-from pixelchain.cli import load_split
+from pixelchain.io import load_split
 from pixelchain.plots import write_figures
 from pixelchain.run_dir import CONFIG, WEIGHTS, RunDir
 

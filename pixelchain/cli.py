@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -38,7 +37,9 @@ from . import adaptive, attacks, checkpoint, codec, data, defend, masks, ood, pl
 from .classifiers import Classifier, list_classifiers
 from .io import (  # noqa: F401 - importable from here too
     count_images,
+    dataset_record,
     dataset_split,
+    load_split,
     read_images,
     read_integers,
     read_labels,
@@ -64,43 +65,6 @@ def parse_hparams(pairs: list[str]) -> dict:
         except (RecursionError, MemoryError):
             raise ValueError(f"--set {key}: the value is nested too deeply to read") from None
     return hparams
-
-
-def dataset_record(spec: str, num_levels: int | None = None, binarize: str | None = None, grey: bool | None = None,
-                   resize: str | None = None) -> dict:
-    """What a run records of its data: a built-in dataset's name, or the user's images (a folder,
-    an image file, a .npy/.npz: ``data.from_images``) with their path and how many there were."""
-    if spec in data.list_datasets():
-        if grey or resize:
-            raise ValueError(f"--grey and --resize apply to your own images, not to the built-in {spec}")
-        return {"name": spec, "num_levels": num_levels, "binarize": binarize}
-    path = Path(spec)
-    if not path.is_dir() and not path.is_file():
-        raise ValueError(f"--dataset {spec!r}: not a built-in dataset ({', '.join(data.list_datasets())}) nor a "
-                         "folder of images, an image file or a .npy/.npz")
-    size = None
-    if resize is not None:
-        match = re.fullmatch(r"(\d+)x(\d+)", resize)
-        if not match or 0 in (size := [int(match[1]), int(match[2])]):
-            raise ValueError(f"--resize expects HxW (e.g. 32x32), got {resize!r}")
-    record = {"name": path.stem, "path": str(path.resolve()), "num_levels": num_levels, "binarize": binarize,
-              "grey": grey, "resize": size}
-    record["images"] = count_images(path)
-    return record
-
-
-def load_split(dataset: dict, split: str) -> data.ImageDataset:
-    """``split`` of a dataset a run recorded (``dataset_record``)."""
-    options = {"num_levels": dataset.get("num_levels"), "binarize": dataset.get("binarize")}
-    if dataset.get("path") is None:
-        return data.load(dataset["name"], split, **options)
-    total = count_images(Path(dataset["path"]))
-    if dataset.get("images") not in (None, total):
-        raise ValueError(f"{dataset['path']} now holds {total} images, the run's {dataset['images']}: its splits "
-                         "would differ; restore the data or start a new run")
-    resize = dataset.get("resize")
-    return data.from_images(dataset["path"], split, grey=dataset.get("grey"), resize=resize and tuple(resize),
-                            **options)
 
 
 def model_dataset(spec: str | None, run: str, model: torch.nn.Module) -> dict:

@@ -9,6 +9,10 @@ before decoding (a decompression bomb is an error) and the total against free me
 holds levels already: ``.npy`` integers [N, C, H, W] or [N, H, W]; ``.npz`` the same as
 ``images``, with optional ``labels`` [N] and ``num_levels``. Arrays are never unpickled and their
 headers are checked against the file's size before anything is read.
+
+What a run records of its data (``dataset_record``: a built-in dataset's name, or the user's images
+with their path and count) and the splits that record gives back (``load_split``) live here too,
+for the command line and the benchmarks alike.
 """
 
 from __future__ import annotations
@@ -297,3 +301,40 @@ def dataset_split(spec: str) -> tuple[data.ImageDataset, slice]:
         raise ValueError(f"{spec!r} is not an image file or folder, a .npy/.npz file, or NAME:SPLIT[A:B]")
     name, split, a, b = match.groups()
     return data.load(name, split), slice(int(a) if a else None, int(b) if b else None)
+
+
+def dataset_record(spec: str, num_levels: int | None = None, binarize: str | None = None, grey: bool | None = None,
+                   resize: str | None = None) -> dict:
+    """What a run records of its data: a built-in dataset's name, or the user's images (a folder,
+    an image file, a .npy/.npz: ``data.from_images``) with their path and how many there were."""
+    if spec in data.list_datasets():
+        if grey or resize:
+            raise ValueError(f"--grey and --resize apply to your own images, not to the built-in {spec}")
+        return {"name": spec, "num_levels": num_levels, "binarize": binarize}
+    path = Path(spec)
+    if not path.is_dir() and not path.is_file():
+        raise ValueError(f"--dataset {spec!r}: not a built-in dataset ({', '.join(data.list_datasets())}) nor a "
+                         "folder of images, an image file or a .npy/.npz")
+    size = None
+    if resize is not None:
+        match = re.fullmatch(r"(\d+)x(\d+)", resize)
+        if not match or 0 in (size := [int(match[1]), int(match[2])]):
+            raise ValueError(f"--resize expects HxW (e.g. 32x32), got {resize!r}")
+    record = {"name": path.stem, "path": str(path.resolve()), "num_levels": num_levels, "binarize": binarize,
+              "grey": grey, "resize": size}
+    record["images"] = count_images(path)
+    return record
+
+
+def load_split(dataset: dict, split: str) -> data.ImageDataset:
+    """``split`` of a dataset a run recorded (``dataset_record``)."""
+    options = {"num_levels": dataset.get("num_levels"), "binarize": dataset.get("binarize")}
+    if dataset.get("path") is None:
+        return data.load(dataset["name"], split, **options)
+    total = count_images(Path(dataset["path"]))
+    if dataset.get("images") not in (None, total):
+        raise ValueError(f"{dataset['path']} now holds {total} images, the run's {dataset['images']}: its splits "
+                         "would differ; restore the data or start a new run")
+    resize = dataset.get("resize")
+    return data.from_images(dataset["path"], split, grey=dataset.get("grey"), resize=resize and tuple(resize),
+                            **options)
