@@ -76,7 +76,7 @@ class Job:
 # fresh 48-filter PixelCNN++ (continuing the shipped one did better), the classifiers and MNIST's
 # PixelCNN++ (at their targets).
 JOBS = [  # packing order: what the issues need most first
-    Job("fmnist_pixelcnn_pp", shipped="fmnist_pixelcnn_pp"),
+    Job("fmnist_pixelcnn_pp", shipped="fmnist_pixelcnn_pp", extra=("--ema", "0.9995")),
     Job("transformer", preset="transformer"),
     Job("diagonal_bilstm", preset="diagonal_bilstm", extra=("--eval-every", "200")),
     Job("row_lstm", preset="row_lstm"),

@@ -41,3 +41,8 @@ def test_a_shipped_run_continues_from_its_weights_and_position(tmp_path, monkeyp
     again = pc.create("fully_visible", train.image_shape, train.num_levels)
     resumed = pc.fit(again, train, valid, run_dir=run_dir, resume=True, progress=False, **{**options, "epochs": 2})
     assert resumed["epoch"] == 2 and resumed["step"] == 2 * summary["step"]
+    # a job's own arguments (Polyak averaging) reach its training calls, after the queue's
+    job = continue_runs.Job("tiny", "nll", 0.0, "none", extra=("--ema", "0.9995"))
+    command = continue_runs.command(job, tmp_path / "runs", 5.0, False)
+    assert command[command.index("--resume"):][-2:] == ["--ema", "0.9995"]
+    assert (tmp_path / "runs" / "tiny" / STATE).is_file()
