@@ -65,9 +65,9 @@ class Job:
 JOBS = [  # priority order: PixelDefend's models first, then the binarized-MNIST families
     Job("fmnist_resnet", "accuracy", 0.92, "classifiers"),
     Job("fmnist_vgg", "accuracy", 0.93, "classifiers"),
-    # Polyak averaging at half the schedule's rate: validation 2.7528 (the best of evaluations that
-    # swung by 0.009 within a few steps) to 2.7441 in 6 CPU epochs (BENCHMARKS.md, PixelDefend)
-    Job("fmnist_pixelcnn_pp", "bits_per_dim", 2.75, "fashion_mnist", lr_scale=0.5, extra=("--ema", "0.9995")),
+    # Polyak averaging took it to 2.7500 (BENCHMARKS.md, PixelDefend); its target is now compression's:
+    # 1.4x smaller than JPEG-LS on the last 1,000 test images asks about 2.74 of the whole split
+    Job("fmnist_pixelcnn_pp", "bits_per_dim", 2.74, "fashion_mnist", lr_scale=0.5, extra=("--ema", "0.9995")),
     # MNIST coded below the standard codecs. Continued at its schedule's rate, fresh moments took it
     # from 1.066 to 1.092 valid bits/dim in an epoch; at a fifth of it, to 1.050 in half an epoch.
     Job("mnist_pixelcnn_pp", "bits_per_dim", 1.05, "mnist", lr_scale=0.2),
