@@ -91,6 +91,16 @@ def table() -> str:
             "from its 10th epoch with random flips and shifts (`pixelchain train resnet --dataset fashion_mnist "
             "--resume --augment --epochs 22 --lr 1.43e-3 --lr-decay 0.9 --warmup 100`, fresh Adam moments, one "
             "thread at nice 19); its training time includes about 93 minutes paused while quiet measurements ran. "
+            "`fmnist_resnet_pd1` continues `fmnist_resnet` for 10 epochs on the clean training split plus 20,000 "
+            "of its images purified by `fmnist_pixelcnn_pp` (10,000 at ε_def 16, 10,000 at 32; `python -m "
+            "benchmarks.purified_classifier --per-eps 10000 --epochs 10 --lr 3e-4`, in two calls: 4 epochs, then "
+            "resumed to 10). `fmnist_resnet_pd` (shipped beside `fmnist_resnet`, for PixelDefend) continues "
+            "`fmnist_resnet_pd1` for 5 epochs with 20,000 more training images added, attacked by BIM (ε 8, against "
+            "`fmnist_resnet_pd1`) and then purified (`--classifier fmnist_resnet_pd1 --attack-eps 8 --epochs 5 --lr "
+            "2e-4`). Both are validated on the clean validation split plus 2,000 (4,000) of its images purified "
+            "alike, ran at one thread at nice 5, and their training times leave out the purification (about 9 "
+            "minutes per 20,000 images); their epochs column counts 50,000 images (their epochs held 70,000 and "
+            "90,000). "
             "Targets: ResNet >= 92%, VGG >= 93% test accuracy.\n\n"
             + "\n".join(rows))
 

@@ -15,11 +15,12 @@ SHIPPED = pc.pretrained()
 
 
 def test_checkpoints_are_shipped():
-    """One checkpoint per family and dataset, the best."""
+    """One checkpoint per family and dataset, the best (and PixelDefend's ResNet for purified images)."""
     families = ["fvsbn_per_pixel", "nade", "made", "pixelcnn", "gated_pixelcnn", "pixelcnn_pp", "row_lstm",
                 "diagonal_bilstm", "transformer"]
     assert set(SHIPPED) == {f"bmnist_{f}" for f in families} | {"fvsbn_caltech", "logistic_regression_mnist",
-                                                                 "fmnist_resnet", "fmnist_vgg", "fmnist_pixelcnn_pp",
+                                                                 "fmnist_resnet", "fmnist_resnet_pd", "fmnist_vgg",
+                                                                 "fmnist_pixelcnn_pp",
                                                                  "fmnist_background", "mnist_pixelcnn_pp"}
 
 
