@@ -9,14 +9,15 @@
 Purification moves every pixel to the density model's most likely value within ε_def, so a
 classifier trained on clean images sees purified ones slightly out of its distribution: the shipped
 ResNet loses 2-4 points of clean accuracy to purification alone. This run purifies ``--per-eps``
-training images at each ε_def (different images per ε, a seeded choice, each chunk of 1,000 cached
-in WORK so an interrupted call resumes), and continues the classifier on the clean training split
-plus those images (flips and shifts as before). With ``--attack-eps``, as many further training
-images per ε_def are first attacked (BIM against the classifier being continued) and then purified:
-what the purifier leaves of a perturbation is what the classifier then meets. Validation is the
-clean validation split plus 1,000 of its images prepared alike per set, so model selection looks at
-both. The test split is never purified or seen here; `benchmarks.pixeldefend --classifiers
-fmnist_resnet_pd` measures the defence with it, attacks generated against the classifier it ships.
+training images at each ε_def (different images per ε, a seeded choice; each chunk of 1,000 cached
+in WORK under the digests of its images and of the models' weights, so an interrupted call resumes),
+and continues the classifier on the clean training split plus those images (flips and shifts as
+before). With ``--attack-eps``, as many further training images per ε_def are first attacked (BIM
+against the classifier being continued) and then purified: what the purifier leaves of a
+perturbation is what the classifier then meets. Validation is the clean validation split plus 1,000
+of its images prepared alike per set, so model selection looks at both. The test split is never
+purified or seen here; `benchmarks.pixeldefend --classifiers fmnist_resnet_pd` measures the defence
+with it, attacks generated against the classifier it ships.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import pixelchain as pc
 from benchmarks.common import keep_record, machine
-from benchmarks.pixeldefend import cached
+from benchmarks.pixeldefend import cached, digest, weights_digest
 from pixelchain import attacks, defend, runtime
 from pixelchain.data import ImageDataset
 from pixelchain.run_dir import RunDir, result_record
@@ -38,12 +40,17 @@ DATASET = "fashion_mnist"
 CHUNK = 1000
 
 
+def key(x: torch.Tensor) -> str:
+    """A cache name's part that changes with the images themselves (not with where they came from)."""
+    return digest(x.numpy().astype(np.int64).tobytes(), str(tuple(x.shape)).encode())
+
+
 def purified(model, images: torch.Tensor, tag: str, eps: int, work: Path) -> torch.Tensor:
     """``images`` purified within ``eps``, computed a chunk at a time and cached under ``work``."""
     parts = []
     for i in range(0, len(images), CHUNK):
         x = images[i:i + CHUNK]
-        parts.append(cached(work / f"{tag}_eps{eps}_{i // CHUNK:03d}.npy",
+        parts.append(cached(work / f"{tag}_eps{eps}_{key(x)}.npy",
                             lambda x=x: defend.purify(model, x, eps, batch_size=100, progress=False)))
         print(f"{tag} ε_def {eps}: {i + len(x)}/{len(images)} purified", flush=True)
     return torch.cat(parts)
@@ -75,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     runtime.configure_allocator()
     density = pc.load(args.model).eval()
-    work = Path(args.work_dir) / args.model
+    work = Path(args.work_dir) / f"{Path(args.model).name}_{weights_digest(args.model)}"
     train, valid, test = (pc.data.load(DATASET, s) for s in ("train", "valid", "test"))
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
     kinds = ["clean", *([f"bim{args.attack_eps}"] if args.attack_eps else [])]
@@ -85,12 +92,11 @@ def main() -> None:
     attacker = pc.load(args.classifier)
 
     def source(split: ImageDataset, kind: str, eps: int, index: torch.Tensor, tag: str) -> tuple[torch.Tensor, str]:
-        """The images to purify at ``eps``: clean, or BIM's against the classifier being continued (each
-        ε_def has images of its own, so the cache names both)."""
+        """The images to purify at ``eps``: clean, or BIM's against the classifier being continued."""
         if kind == "clean":
             return split.images[index], tag
-        tag = f"{tag}_{kind}_{Path(args.classifier).name}_for{eps}"
-        return cached(work / f"{tag}_attacked.npy",
+        tag = f"{tag}_{kind}_{Path(args.classifier).name}_{weights_digest(args.classifier)}"
+        return cached(work / f"{tag}_{key(split.images[index])}.npy",
                       lambda: attacks.attack(attacker, split.images[index], split.labels[index], "bim",
                                              args.attack_eps)), tag
 
