@@ -53,6 +53,11 @@ def digest(*parts: bytes) -> str:
     return h.hexdigest()[:16]
 
 
+def images_digest(x: torch.Tensor) -> str:
+    """A cache name's part that changes with the images themselves (not with where they came from)."""
+    return digest(x.numpy().astype(np.int64).tobytes(), str(tuple(x.shape)).encode())
+
+
 def weights_digest(run: str) -> str:
     return digest((checkpoint.resolve(run) / checkpoint.WEIGHTS).read_bytes())
 
@@ -80,11 +85,8 @@ class Bench:
         self.cache = Path(args.work_dir) / f"density_{weights_digest(args.model)}"
         self.timing_path = self.cache / "timing.json"
 
-    def key(self, x: torch.Tensor) -> str:
-        return digest(x.numpy().astype(np.int64).tobytes(), str(tuple(x.shape)).encode())
-
     def bpd(self, x: torch.Tensor) -> torch.Tensor:
-        return cached(self.cache / "bpd" / f"{self.key(x)}.npy",
+        return cached(self.cache / "bpd" / f"{images_digest(x)}.npy",
                       lambda: defend.bits_per_dim(self.model, x, self.args.batch_size * 4, progress=False))
 
     def purify(self, x: torch.Tensor, eps: int) -> torch.Tensor:
@@ -94,7 +96,7 @@ class Bench:
             self.record_timing("cached", len(x), t.seconds)
             return out
 
-        return cached(self.cache / "purified" / f"{self.key(x)}_eps{eps}.npy", run)
+        return cached(self.cache / "purified" / f"{images_digest(x)}_eps{eps}.npy", run)
 
     def record_timing(self, decoder: str, n: int, seconds: float) -> None:
         timing = json.loads(self.timing_path.read_text()) if self.timing_path.is_file() else {}

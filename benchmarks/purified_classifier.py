@@ -26,12 +26,11 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import pixelchain as pc
 from benchmarks.common import keep_record, machine
-from benchmarks.pixeldefend import cached, digest, weights_digest
+from benchmarks.pixeldefend import cached, images_digest, weights_digest
 from pixelchain import attacks, defend, runtime
 from pixelchain.data import ImageDataset
 from pixelchain.run_dir import RunDir, result_record
@@ -40,17 +39,12 @@ DATASET = "fashion_mnist"
 CHUNK = 1000
 
 
-def key(x: torch.Tensor) -> str:
-    """A cache name's part that changes with the images themselves (not with where they came from)."""
-    return digest(x.numpy().astype(np.int64).tobytes(), str(tuple(x.shape)).encode())
-
-
 def purified(model, images: torch.Tensor, tag: str, eps: int, work: Path) -> torch.Tensor:
     """``images`` purified within ``eps``, computed a chunk at a time and cached under ``work``."""
     parts = []
     for i in range(0, len(images), CHUNK):
         x = images[i:i + CHUNK]
-        parts.append(cached(work / f"{tag}_eps{eps}_{key(x)}.npy",
+        parts.append(cached(work / f"{tag}_eps{eps}_{images_digest(x)}.npy",
                             lambda x=x: defend.purify(model, x, eps, batch_size=100, progress=False)))
         print(f"{tag} ε_def {eps}: {i + len(x)}/{len(images)} purified", flush=True)
     return torch.cat(parts)
@@ -89,15 +83,15 @@ def main() -> None:
     sets = [(kind, e) for kind in kinds for e in args.eps_defend]  # each: its own training and validation images
     train_index = [order[k * args.per_eps:(k + 1) * args.per_eps] for k in range(len(sets))]
     valid_index = [torch.arange(k * 1000, (k + 1) * 1000) for k in range(len(sets))]
-    attacker = pc.load(args.classifier)
+    classifier = pc.load(args.classifier)  # attacked first (--attack-eps), then continued
 
     def source(split: ImageDataset, kind: str, eps: int, index: torch.Tensor, tag: str) -> tuple[torch.Tensor, str]:
         """The images to purify at ``eps``: clean, or BIM's against the classifier being continued."""
         if kind == "clean":
             return split.images[index], tag
         tag = f"{tag}_{kind}_{Path(args.classifier).name}_{weights_digest(args.classifier)}"
-        return cached(work / f"{tag}_{key(split.images[index])}.npy",
-                      lambda: attacks.attack(attacker, split.images[index], split.labels[index], "bim",
+        return cached(work / f"{tag}_{images_digest(split.images[index])}.npy",
+                      lambda: attacks.attack(classifier, split.images[index], split.labels[index], "bim",
                                              args.attack_eps)), tag
 
     valid_pure = [purified(density, *source(valid, k, e, i, "valid"), e, work)
@@ -114,7 +108,6 @@ def main() -> None:
         print(name, "validation accuracy:",
               ", ".join(f"{label} {defend.accuracy(classifier, x, y):.4f}" for label, x, y in checks), flush=True)
 
-    classifier = pc.load(args.classifier)
     report(args.classifier, classifier)
     settings = {"batch_size": 128, "lr": args.lr, "lr_decay": 0.85, "warmup": 100, "augment": True}
     run_dir = Path(args.runs_dir) / args.run
