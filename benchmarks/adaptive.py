@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--cached-only", action="store_true", help="run no attack: the tables of the attacks "
                         "already cached in --work-dir (one run's grid can be filled in over several calls)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar per attack (steps, or APGD's restarts)")
     args = parser.parse_args()
     device = runtime.pick_device(args.device)
     model = pc.load(args.model, device).eval()
@@ -187,7 +189,7 @@ def against_pixeldefend(args, clf, model, x, y, eps_def: int, prefix: Path, titl
     """Every attack on classifier(purify(x, eps_def)); the worst case over all of them."""
     defended = adaptive.Defended(partial(defend.purify, model, eps=eps_def, batch_size=args.batch_size,
                                          progress=False), clf)
-    common = dict(progress=False, batch_size=args.batch_size)
+    common = dict(progress=args.progress, batch_size=args.batch_size)
     attacks = []
     if not args.no_baselines:
         attacks += [
@@ -213,7 +215,7 @@ def against_pixeldefend(args, clf, model, x, y, eps_def: int, prefix: Path, titl
         attacks.append((f"APGD-{loss.upper()} (ART, identity), {apgd_steps} iterations, {args.restarts} random starts",
                         f"apgd_{loss}_s{apgd_steps}_r{args.restarts}", f"APGD-{loss.upper()} (calls)", partial(
                             adaptive.apgd, clf, defended, x, y, args.eps, loss=loss, steps=apgd_steps,
-                            restarts=args.restarts, seed=args.seed, progress=False)))
+                            restarts=args.restarts, seed=args.seed, progress=args.progress)))
     rows, curves, robust = {}, {}, []
     for label, key, curve, fn in attacks:
         print(f"{title}: {label}", flush=True)
@@ -253,13 +255,14 @@ def adaptive_pixeldefend(args, clf, model, x, y, prefix: Path) -> dict:
         (f"BPDA, {args.steps} steps of {args.step_size}, {args.restarts} random starts", "bpda",
          lambda: adaptive.pgd(clf, defended, x, y, args.eps, steps=args.steps, step_size=args.step_size,
                               restarts=args.restarts, generator=torch.Generator().manual_seed(args.seed + 1),
-                              batch_size=args.batch_size, progress=False)),
+                              batch_size=args.batch_size, progress=args.progress)),
         (f"detector-aware PGD (penalty {args.penalty}, {args.fraction:.0%} of pixels a step), {args.steps} steps "
          f"of {args.step_size}, {args.restarts} starts", f"aware_p{args.penalty}_f{args.fraction}",
          lambda: adaptive.detector_aware(
             clf, model, defended, x, y, args.eps, limit, penalty=args.penalty, steps=args.steps,
             step_size=args.step_size, restarts=args.restarts, check_every=args.check_every, fraction=args.fraction,
-            batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed + 2), progress=False)),
+            batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed + 2),
+            progress=args.progress)),
     ]
     for label, key, fn in attacks:
         print(f"adaptive PixelDefend: {label}", flush=True)
