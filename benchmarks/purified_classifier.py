@@ -52,9 +52,9 @@ def purified(model, images: torch.Tensor, tag: str, eps: int, work: Path) -> tor
 
 def with_purified(split: ImageDataset, index: list[torch.Tensor], images: list[torch.Tensor]) -> ImageDataset:
     """``split`` followed by the purified copies of the examples at each index (same labels)."""
-    joined = torch.cat([split.images, *images])
-    labels = torch.cat([split.labels, *(split.labels[i] for i in index)])
-    return ImageDataset(joined, split.num_levels, labels, name=split.name, split=split.split)
+    copies = [ImageDataset(x, split.num_levels, split.labels[i], name=split.name, split=f"{split.split} purified")
+              for i, x in zip(index, images, strict=True)]
+    return sum(copies, split)
 
 
 def main() -> None:
