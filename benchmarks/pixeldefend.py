@@ -4,7 +4,7 @@
         --classifiers fmnist_resnet fmnist_vgg --n 1000 --work-dir runs/pixeldefend
 
 On ``--n`` test images drawn with ``--seed``: each classifier's clean accuracy; each attack (ART:
-random noise, FGSM, BIM, DeepFool, Carlini-Wagner L-inf) at ``--eps-attack`` (0-255 units) and at
+random noise, FGSM, BIM, PGD, DeepFool, Carlini-Wagner L-inf) at ``--eps-attack`` (0-255 units) and at
 the ``--sweep`` values (for ``--sweep-attacks``); accuracy with no defence, PixelDefend at each
 ``--eps-defend`` and adaptive PixelDefend (``--adaptive-eps``; images whose p-value is above a
 threshold chosen on clean validation images at ``--false-alarm`` stay unchanged); the AUROC of

@@ -19,7 +19,7 @@ from .classifiers import Classifier
 from .models.base import check_eps
 from .runtime import intra_op_threads
 
-ATTACKS = ("random", "fgsm", "bim", "deepfool", "cw")
+ATTACKS = ("random", "fgsm", "bim", "pgd", "deepfool", "cw")
 
 
 class UnitLogits(nn.Module):
@@ -64,8 +64,10 @@ def attack(
     """Adversarial images int64 [B, C, H, W] within ``eps`` levels of x [B, C, H, W] (true labels [B]).
 
     name: 'random' (uniform integer noise in [-eps, eps], drawn from ``generator``), 'fgsm', 'bim'
-    (10 steps of 1 level), 'deepfool' (overshoot 0.02, 50 iterations), 'cw' (Carlini-Wagner L-inf).
-    DeepFool and C&W are unbounded; their result is clipped to the eps-ball.
+    (10 steps of 1 level), 'pgd' (Madry et al.: a uniform random start in the ball, then 20 steps of
+    max(1, eps/4) levels; the start is drawn from ``generator``), 'deepfool' (overshoot 0.02, 50
+    iterations), 'cw' (Carlini-Wagner L-inf). DeepFool and C&W are unbounded; their result is clipped
+    to the eps-ball.
     """
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose from {ATTACKS}")
@@ -77,7 +79,13 @@ def attack(
     if name == "random":
         noise = torch.randint(-eps, eps + 1, x.shape, generator=generator).to(x.device)
         return project(x + noise, x, eps, K)
-    from art.attacks.evasion import BasicIterativeMethod, CarliniLInfMethod, DeepFool, FastGradientMethod
+    from art.attacks.evasion import (
+        BasicIterativeMethod,
+        CarliniLInfMethod,
+        DeepFool,
+        FastGradientMethod,
+        ProjectedGradientDescent,
+    )
 
     estimator = art_classifier(classifier)
     step = 1.0 / (K - 1)
@@ -85,12 +93,21 @@ def attack(
         "fgsm": lambda: FastGradientMethod(estimator, eps=eps * step, batch_size=batch_size),
         "bim": lambda: BasicIterativeMethod(estimator, eps=eps * step, eps_step=step, max_iter=10,
                                             batch_size=batch_size, verbose=False),
+        "pgd": lambda: ProjectedGradientDescent(estimator, norm=np.inf, eps=eps * step,
+                                                eps_step=max(1, eps // 4) * step, max_iter=20, num_random_init=1,
+                                                batch_size=batch_size, verbose=False),
         "deepfool": lambda: DeepFool(estimator, max_iter=50, epsilon=0.02, nb_grads=classifier.num_classes,
                                      batch_size=batch_size, verbose=False),
         "cw": lambda: CarliniLInfMethod(estimator, batch_size=batch_size, verbose=False),
     }[name]()
     u = (x.double() * step).cpu().numpy().astype(np.float32)
-    with intra_op_threads(1):  # ART's tiny passes: ~100x slower at 2 threads on two busy cores
-        u_adv = made.generate(u, y=labels.cpu().numpy())
+    numpy_state = np.random.get_state()  # ART draws PGD's random start from numpy's global generator
+    if generator is not None:
+        np.random.seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+    try:
+        with intra_op_threads(1):  # ART's tiny passes: ~100x slower at 2 threads on two busy cores
+            u_adv = made.generate(u, y=labels.cpu().numpy())
+    finally:
+        np.random.set_state(numpy_state)
     x_adv = torch.from_numpy(np.rint(u_adv.astype(np.float64) * (K - 1))).long().to(x.device)
     return project(x_adv, x, eps, K)

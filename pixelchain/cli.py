@@ -120,6 +120,14 @@ def output_path(run: str, out: str | None, filename: str) -> Path:
     return path
 
 
+def refuse_overwrite(force: bool, *paths: Path | str | None) -> None:
+    """ValueError naming the first of ``paths`` that exists, unless --force: a command never replaces
+    what a user saved without being asked. Called before the command's work, not after."""
+    for path in paths:
+        if path is not None and Path(path).exists() and not force:
+            raise ValueError(f"{path} exists: choose another --out or pass --force to overwrite it")
+
+
 def class_labels(model: torch.nn.Module, args, n: int, images: str | None = None) -> torch.Tensor | None:
     """Labels [n] for a class-conditional model from --label (or IMAGES' --labels / split), None
     for another; ValueError in terms of the flags."""
@@ -261,6 +269,7 @@ def eval_images(model: torch.nn.Module, args) -> None:
     out = None if args.out is None else Path(args.out)
     if out is not None and not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent} does not exist: create it or choose another --out")
+    refuse_overwrite(args.force, out, args.heatmap)
     log_probs = score.log_prob(model, x, labels, args.batch_size, progress=True)
     bpd = -log_probs / (model.num_dims * math.log(2))
     for i in range(min(args.show, len(x))):
@@ -279,6 +288,7 @@ def cmd_sample(args) -> None:
     device = runtime.pick_device(args.device)
     model = density_model(args.run, device)
     out = output_path(args.run, args.out, "samples.png")
+    refuse_overwrite(args.force, out)
     if not score.is_array_path(out):
         plots.check_grid(args.n, model.image_shape)
     labels = class_labels(model, args, args.n)
@@ -296,6 +306,7 @@ def cmd_complete(args) -> None:
     device = runtime.pick_device(args.device)
     model = density_model(args.run, device)
     out = output_path(args.run, args.out, "completions.png")
+    refuse_overwrite(args.force, out)
     if args.images is None:  # -n images spread over the split (some are sorted by class)
         if args.num_levels is not None or args.binarize is not None:
             raise ValueError("--num-levels and --binarize map IMAGES; the run's dataset is mapped as it was trained")
@@ -350,6 +361,8 @@ def cmd_detect(args) -> None:
         background = checkpoint.load(background_name, runtime.pick_device(args.device))
     # the images are checked before the reference's work
     x = model_images(model, args)
+    out = Path(args.out)
+    refuse_overwrite(args.force, out / "p_values.csv", out / "bits_per_dim.png")
     reference, reference_name = reference_images(args, model)
     detector = ood.Detector(model, reference, args.score, background=background, codec=args.codec,
                             batch_size=args.batch_size, progress=True)
@@ -357,7 +370,6 @@ def cmd_detect(args) -> None:
     score = detector.score(features)
     p = detector.p_values(features, score)
     bpd = features.bpd
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = enumerate(zip(bpd.tolist(), score.tolist(), p.tolist(), strict=True))
     lines = ["index,bits_per_dim,score,p_value"] + [f"{i},{b:.6f},{s:.6f},{q:.6f}" for i, (b, s, q) in rows]
@@ -391,9 +403,12 @@ def cmd_attack(args) -> None:
     classifier = load_classifier(args.classifier, runtime.pick_device(args.device))
     x = model_images(classifier, args)
     y = read_labels(args.images, args.labels, len(x))
+    out = Path(args.out)
+    written = ["adversarial.npy", "labels.npy", "before_after.png"]
+    refuse_overwrite(args.force, *(out / name for name in written + (
+        ["robust.npy", "curve.csv"] if args.method in adaptive.METHODS else [])))
     if args.method in adaptive.METHODS:
         return adaptive_attack(args, classifier, x, y)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     x_adv = attacks.attack(classifier, x, y, args.method, args.eps, batch_size=args.batch_size,
@@ -450,6 +465,7 @@ def cmd_purify(args) -> None:
         classifier = load_classifier(args.classifier, runtime.pick_device(args.device))
         y = read_labels(args.images, args.labels, len(x))
     out = Path(args.out)
+    refuse_overwrite(args.force, out / "purified.npy", out / "before_after.png")
     out.mkdir(parents=True, exist_ok=True)  # before decoding, not after
     start = time.perf_counter()
     if args.adaptive is None:
@@ -477,8 +493,7 @@ def cmd_compress(args) -> None:
     model, _ = codec.resolve_model(args.run)  # its errors (a classifier, a missing run) before reading images
     x = read_images(args.images, model.image_shape[0])
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise ValueError(f"{out} exists: choose another --out or pass --force to overwrite it")
+    refuse_overwrite(args.force, out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent} does not exist: create it or choose another --out")
     start = time.perf_counter()
@@ -495,8 +510,7 @@ def cmd_compress(args) -> None:
 def cmd_decompress(args) -> None:
     out = Path(args.out)
     npy = out / "images.npy"
-    if npy.exists() and not args.force:
-        raise ValueError(f"{npy} exists: choose another --out or pass --force to overwrite it")
+    refuse_overwrite(args.force, npy, *([out / "00000.png"] if args.png else []))
     blob = Path(args.file).read_bytes()
     start = time.perf_counter()
     images = codec.decompress(blob, args.model, progress=True)
@@ -579,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     mapped.add_argument("--num-levels", type=int, help="map IMAGES to this many levels, as train maps a dataset "
                         "(default: images deeper than the model's levels are quantised to them)")
     mapped.add_argument("--binarize", choices=["threshold", "dynamic"], help="binarise IMAGES, as train does")
+    # the commands that write files: an existing one is replaced only when asked
+    writes = argparse.ArgumentParser(add_help=False)
+    writes.add_argument("--force", action="store_true", help="overwrite the output files if they exist")
 
     p = sub.add_parser("train", parents=[on_device],
                        help="train a model by maximum likelihood, then report the test NLL")
@@ -601,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     images_help = ("NAME:SPLIT[A:B] (e.g. fashion_mnist:test[:1000]), a .npy of integers [N,C,H,W] or [N,H,W], "
                    "or a PNG folder")
-    p = sub.add_parser("eval", parents=[on_device],
+    p = sub.add_parser("eval", parents=[on_device, writes],
                        help="NLL of a trained model on a split, or of one's own IMAGES (per image)")
     p.add_argument("run", help="run directory or shipped checkpoint name")
     p.add_argument("images", nargs="?", help=f"images to score, per image: {images_help}")
@@ -621,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     seed_help = ("seed of the draws (default: 0); image i depends on the seed and i only, not on -n, "
                  "--batch-size or the device")
     temperature_help = "divides the logits (default: 1); 0: the most likely value at each step (greedy)"
-    p = sub.add_parser("sample", parents=[on_device],
+    p = sub.add_parser("sample", parents=[on_device, writes],
                        help="draw samples into a PNG grid, or arrays (.npy / .npz)")
     p.add_argument("run")
     p.add_argument("-n", type=positive, default=64, help="number of samples (default: 64)")
@@ -635,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "RUN_samples.png here, numbered rather than overwritten")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("complete", parents=[on_device, mapped],
+    p = sub.add_parser("complete", parents=[on_device, mapped, writes],
                        help="complete images with a region missing (--mask): test images or IMAGES")
     p.add_argument("run")
     p.add_argument("images", nargs="?", help=f"images to complete (default: -n of the run's test split): "
@@ -659,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "image i's S in rows i*S...) / .npz (also observed, labels); default: RUN_completions.png here")
     p.set_defaults(func=cmd_complete)
 
-    p = sub.add_parser("attack", parents=[on_device, mapped],
+    p = sub.add_parser("attack", parents=[on_device, mapped, writes],
                        help="adversarial examples for a classifier (ART; pip install -e '.[defend]')")
     p.add_argument("classifier", help="classifier: run directory or shipped checkpoint name (e.g. fmnist_resnet)")
     p.add_argument("images", help=images_help)
@@ -684,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the surrogate's softmax temperature")
     p.set_defaults(func=cmd_attack)
 
-    p = sub.add_parser("detect", parents=[on_device, mapped],
+    p = sub.add_parser("detect", parents=[on_device, mapped, writes],
                        help="out-of-distribution / adversarial detection: scores and p-values under a "
                        "density model")
     p.add_argument("run", help="density model: run directory or shipped checkpoint name")
@@ -702,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive, default=256)
     p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("purify", parents=[on_device, mapped],
+    p = sub.add_parser("purify", parents=[on_device, mapped, writes],
                        help="PixelDefend purification: each pixel the most likely value within eps")
     p.add_argument("run", help="density model: run directory or shipped checkpoint name")
     p.add_argument("images", help=images_help)
@@ -720,7 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "split's)")
     p.set_defaults(func=cmd_purify)
 
-    p = sub.add_parser("compress", parents=[common],
+    p = sub.add_parser("compress", parents=[common, writes],
                        help="lossless compression of images with a density model (pip install "
                        "'pixelchain[compress]')")
     p.add_argument("run", help="density model: run directory or shipped checkpoint name")
@@ -728,16 +745,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the compressed file")
     p.add_argument("--batch-size", type=positive, default=codec.DEFAULT_CHUNK,
                    help="images coded at once (recorded in the file; decompression uses the same)")
-    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("decompress", parents=[common],
+    p = sub.add_parser("decompress", parents=[common, writes],
                        help="restore the images of a compressed file: DIR/images.npy (levels)")
     p.add_argument("file", help="a file written by pixelchain compress")
     p.add_argument("--out", required=True, help="folder for images.npy (and the PNGs with --png)")
     p.add_argument("--model", help="the model it was compressed with, when not a shipped checkpoint")
     p.add_argument("--png", action="store_true", help="also one PNG per image (levels scaled to 0-255)")
-    p.add_argument("--force", action="store_true", help="overwrite DIR/images.npy if it exists")
     p.set_defaults(func=cmd_decompress)
 
     p = sub.add_parser("list", parents=[common],

@@ -140,7 +140,7 @@ def test_bad_input_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="eps"):
         attacks.attack(classifier, x, torch.zeros(2, dtype=torch.long), "fgsm", -3)
     with pytest.raises(ValueError, match="unknown attack"):
-        attacks.attack(classifier, x, torch.zeros(2, dtype=torch.long), "pgd", 3)
+        attacks.attack(classifier, x, torch.zeros(2, dtype=torch.long), "pgd-42", 3)
 
 
 def trained_logistic_regression(K=16):
@@ -175,6 +175,23 @@ def test_fgsm_through_art_round_trip():
     assert ((noise - x).abs() <= eps).all() and (noise != x).any()
 
 
+def test_pgd_through_art_finds_the_worst_corner_and_is_seeded():
+    pytest.importorskip("art")
+    clf, data = trained_logistic_regression()
+    x, y, eps = data.images[:32], data.labels[:32], 2
+    state = np.random.get_state()
+    x_pgd = attacks.attack(clf, x, y, "pgd", eps, generator=torch.Generator().manual_seed(3))
+    assert np.array_equal(np.random.get_state()[1], state[1])  # numpy's global generator is left as it was
+    assert ((x_pgd - x).abs() <= eps).all() and x_pgd.min() >= 0 and x_pgd.max() < data.num_levels
+    again = attacks.attack(clf, x, y, "pgd", eps, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(x_pgd, again)  # the random start comes from the generator
+    # two-class logistic regression: the loss's input gradient has one sign pattern, so PGD from any
+    # start walks to the same corner of the ball as FGSM's single step, the loss's maximum there
+    x_fgsm = attacks.attack(clf, x, y, "fgsm", eps)
+    assert (per_image_loss(clf, x_pgd, y) >= per_image_loss(clf, x_fgsm, y) - 1e-5).all()
+    assert (per_image_loss(clf, x_pgd, y) > per_image_loss(clf, x, y)).all()
+
+
 def test_cli_detect_and_purify(tmp_path, capsys):
     from pixelchain.cli import main
 
@@ -206,6 +223,22 @@ def test_cli_detect_and_purify(tmp_path, capsys):
     with pytest.raises(SystemExit):  # levels beyond the model's 8: a clear error, exit 1
         np.save(tmp_path / "bad.npy", x.astype(np.int64) + 8)
         main(["purify", str(tmp_path / "model"), str(tmp_path / "bad.npy"), "--out", str(tmp_path / "p2")])
+    # what a run wrote is kept: the same --out again is a one-line error before any work, --force replaces it
+    outputs = (tmp_path / "pure" / "purified.npy", tmp_path / "detect" / "p_values.csv")
+    written = {path: path.read_bytes() for path in outputs}
+    capsys.readouterr()
+    for argv in (["purify", str(tmp_path / "model"), str(tmp_path / "mixed.npy"), "--eps", "2", "--out",
+                  str(tmp_path / "pure")],
+                 ["detect", str(tmp_path / "model"), str(tmp_path / "mixed.npy"), "--reference",
+                  str(tmp_path / "ref.npy"), "--out", str(tmp_path / "detect")]):
+        with pytest.raises(SystemExit) as done:
+            main([*argv, "--device", "cpu"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert done.value.code == 1 and len(err) == 1 and "exists" in err[0] and "--force" in err[0], err
+        assert all(path.read_bytes() == before for path, before in written.items())
+    main(["purify", str(tmp_path / "model"), str(tmp_path / "mixed.npy"), "--eps", "2", "--out", str(tmp_path / "pure"),
+          "--device", "cpu", "--force"])
+    assert np.load(tmp_path / "pure" / "purified.npy").shape == np.load(tmp_path / "mixed.npy").shape
 
 
 def test_cli_attack_then_purify_reports_accuracy(tmp_path, capsys):
