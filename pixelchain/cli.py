@@ -101,12 +101,21 @@ def density_model(run: str, device: torch.device) -> torch.nn.Module:
     return model
 
 
-def output_path(run: str, out: str | None, filename: str) -> Path:
-    """--out (a PNG, or .npy / .npz for arrays), else NAME_FILENAME in the current directory (never
-    the run's own figures nor the installed package), numbered rather than overwriting a file.
-    Its folder and format are checked before decoding."""
+def refuse_overwrite(force: bool, *paths: Path | str | None) -> None:
+    """ValueError naming the first of ``paths`` that exists, unless --force: a command never replaces
+    what a user saved without being asked. Called before the command's work, not after."""
+    for path in paths:
+        if path is not None and Path(path).exists() and not force:
+            raise ValueError(f"{path} exists: choose another --out or pass --force to overwrite it")
+
+
+def output_path(run: str, out: str | None, filename: str, force: bool = False) -> Path:
+    """--out (a PNG, or .npy / .npz for arrays; an existing one only with ``force``), else
+    NAME_FILENAME in the current directory (never the run's own figures nor the installed package),
+    numbered rather than overwriting a file. Its folder and format are checked before decoding."""
     if out is not None:
         path = Path(out)
+        refuse_overwrite(force, path)
     else:
         stem, suffix = f"{checkpoint.resolve(run).name}_{Path(filename).stem}", Path(filename).suffix
         path, i = Path(stem + suffix), 0
@@ -118,14 +127,6 @@ def output_path(run: str, out: str | None, filename: str) -> Path:
     if not score.is_array_path(path) and path.suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"--out {path}: write .npy or .npz (arrays of levels) or an image (.png)")
     return path
-
-
-def refuse_overwrite(force: bool, *paths: Path | str | None) -> None:
-    """ValueError naming the first of ``paths`` that exists, unless --force: a command never replaces
-    what a user saved without being asked. Called before the command's work, not after."""
-    for path in paths:
-        if path is not None and Path(path).exists() and not force:
-            raise ValueError(f"{path} exists: choose another --out or pass --force to overwrite it")
 
 
 def class_labels(model: torch.nn.Module, args, n: int, images: str | None = None) -> torch.Tensor | None:
@@ -287,8 +288,7 @@ def eval_images(model: torch.nn.Module, args) -> None:
 def cmd_sample(args) -> None:
     device = runtime.pick_device(args.device)
     model = density_model(args.run, device)
-    out = output_path(args.run, args.out, "samples.png")
-    refuse_overwrite(args.force, out)
+    out = output_path(args.run, args.out, "samples.png", args.force)
     if not score.is_array_path(out):
         plots.check_grid(args.n, model.image_shape)
     labels = class_labels(model, args, args.n)
@@ -305,8 +305,7 @@ def cmd_sample(args) -> None:
 def cmd_complete(args) -> None:
     device = runtime.pick_device(args.device)
     model = density_model(args.run, device)
-    out = output_path(args.run, args.out, "completions.png")
-    refuse_overwrite(args.force, out)
+    out = output_path(args.run, args.out, "completions.png", args.force)
     if args.images is None:  # -n images spread over the split (some are sorted by class)
         if args.num_levels is not None or args.binarize is not None:
             raise ValueError("--num-levels and --binarize map IMAGES; the run's dataset is mapped as it was trained")
