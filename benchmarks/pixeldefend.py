@@ -156,13 +156,20 @@ def main() -> None:
     threshold = defend.choose_threshold(defend.p_values(bench.bpd(held_out), reference_bpd), args.false_alarm)
     clean_bpd = bench.bpd(x)
 
-    def evaluate(clf, images: torch.Tensor, bpd: torch.Tensor, eps_list: list[int]) -> dict:
+    def evaluate(clf, images: torch.Tensor, bpd: torch.Tensor, eps_list: list[int],
+                 clean_right: dict[int, torch.Tensor] | None = None) -> dict:
         """Accuracy with no defence, PixelDefend at each eps of ``eps_list`` and adaptive; AUROC of
-        bits/dim vs clean."""
+        bits/dim vs clean. With ``clean_right`` (which clean images each eps's purification leaves
+        classified right): ``lost{eps}``, the share the attack costs there (right clean, wrong attacked)."""
         row = {"none": defend.accuracy(clf, images.to(device), y.to(device))}
         purified = {e: bench.purify(images, e) for e in sorted(set(eps_list) | {adaptive_eps})}
         for e in eps_list:
-            row[f"eps{e}"] = defend.accuracy(clf, purified[e].to(device), y.to(device))
+            right = defend.correct(clf, purified[e].to(device), y.to(device))
+            row[f"eps{e}"] = right.double().mean().item()
+            if clean_right is None:
+                row[f"right{e}"] = right
+            else:
+                row[f"lost{e}"] = (clean_right[e] & ~right).double().mean().item()
         # adaptive PixelDefend: purification is per image, so it is the purified image where p <= threshold
         touched = defend.p_values(bpd, reference_bpd) <= threshold
         adaptive = torch.where(touched.view(-1, 1, 1, 1), purified[adaptive_eps], images)
@@ -180,6 +187,7 @@ def main() -> None:
         defend.check_pair(clf, model)
         tag = f"{Path(name).name}_{weights_digest(name)}_n{args.n}_seed{args.seed}"
         out: dict = {"clean": evaluate(clf, x, clean_bpd, args.eps_defend), "attacks": {}}
+        clean_right = {e: out["clean"].pop(f"right{e}") for e in args.eps_defend}
         histogram = {"clean": clean_bpd}
         settings = [(a, args.eps_attack) for a in args.attacks]
         settings += [(a, e) for a in args.sweep_attacks for e in args.sweep if e != args.eps_attack]
@@ -193,7 +201,7 @@ def main() -> None:
             bpd = bench.bpd(x_adv)
             swept = eps != args.eps_attack
             eps_list = args.sweep_eps_defend if swept else args.eps_defend
-            out["attacks"][f"{attack}@{eps}"] = evaluate(clf, x_adv, bpd, eps_list)
+            out["attacks"][f"{attack}@{eps}"] = evaluate(clf, x_adv, bpd, eps_list, clean_right)
             if eps == args.eps_attack:
                 histogram[attack] = bpd
                 if attack == args.attacks[-1]:
@@ -239,6 +247,15 @@ def render(args, results: dict, adaptive_eps: int) -> str:
             auroc = "-" if label == "clean" else f"{row['auroc']:.3f}"
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {pct(row['purified_share'])} | {row['bpd']:.3f} "
                          f"| {auroc} |")
+        lost = [(label, [row[f"lost{e}"] for e in args.eps_defend]) for label, row in out["attacks"].items()
+                if all(f"lost{e}" in row for e in args.eps_defend)]
+        if lost:  # how much of each attack's error is the attack's, how much the classifier's own on purified images
+            each = "; ".join(f"{label} " + " / ".join(map(pct, shares)) for label, shares in lost)
+            wrong = " / ".join(pct(1 - out["clean"][f"eps{e}"]) for e in args.eps_defend)
+            eps = " / ".join(str(e) for e in args.eps_defend)
+            lines += ["", f"Lost to the attack, % of images (the clean image purified is classified right, the "
+                      f"attacked one purified is not), ε_def {eps}: {each}. The rest of each attack's error lies "
+                      f"among the {wrong}% of clean images the classifier misclassifies once purified."]
         figure = os.path.relpath(Path(args.figures_dir) / f"{args.section}_bpd_{Path(name).name}.png", REPO)
         lines += ["", f"![bits/dim, {name}]({figure})", ""]
     timing = results["timing"]

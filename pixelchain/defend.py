@@ -112,12 +112,16 @@ def adaptive_purify(
 
 
 @torch.no_grad()
-def accuracy(classifier: nn.Module, x: Tensor, labels: Tensor, batch_size: int = 512) -> float:
-    """Fraction of images x int64 [N, C, H, W] that ``classifier`` labels correctly."""
+def correct(classifier: nn.Module, x: Tensor, labels: Tensor, batch_size: int = 512) -> Tensor:
+    """Whether ``classifier`` labels each image of x int64 [N, C, H, W] correctly: bool [N] (on the CPU)."""
     classifier.eval()
     x, labels = classifier.check_input(x, labels)
     device = next(classifier.parameters()).device
-    correct = sum(int((classifier.predict(xb.to(device)).cpu() == yb.cpu()).sum())
-                  for xb, yb in zip(x.split(batch_size), labels.split(batch_size), strict=True))
-    return correct / max(len(x), 1)
+    return torch.cat([classifier.predict(xb.to(device)).cpu() == yb.cpu()
+                      for xb, yb in zip(x.split(batch_size), labels.split(batch_size), strict=True)])
+
+
+def accuracy(classifier: nn.Module, x: Tensor, labels: Tensor, batch_size: int = 512) -> float:
+    """Fraction of images x int64 [N, C, H, W] that ``classifier`` labels correctly."""
+    return int(correct(classifier, x, labels, batch_size).sum()) / len(x)
 

@@ -298,3 +298,16 @@ def test_read_images_from_a_split_a_png_folder_and_npy(tmp_path):
         read_images(str(tmp_path / "float.npy"), 3)
     with pytest.raises(ValueError, match="NAME:SPLIT"):
         read_images("no such thing", 1)
+
+
+def test_correct_marks_each_image_and_accuracy_is_its_mean():
+    """defend.correct: per image, whether the classifier's label is the true one; accuracy is its mean,
+    whatever the batch size."""
+    clf, data = trained_logistic_regression()
+    x, y = data.images[:37], data.labels[:37].clone()
+    right = defend.correct(clf, x, y, batch_size=8)
+    assert right.dtype == torch.bool and right.shape == (37,)
+    assert torch.equal(right, clf.predict(x) == y)
+    y[right] = (y[right] + 1) % clf.num_classes  # every right label made wrong
+    assert not defend.correct(clf, x, y, batch_size=5).any()
+    assert defend.accuracy(clf, x, data.labels[:37], batch_size=3) == right.sum().item() / 37
