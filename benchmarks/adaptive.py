@@ -19,7 +19,8 @@ Then adaptive PixelDefend (ε_def ``--adaptive-eps``; threshold at ``--false-ala
 validation images): BPDA through it, and the detector-aware attacker (``--penalty`` on relaxed
 bits/dim above the threshold's limit), with the share of its images the detector flags. Every
 attack's result is cached under ``--work-dir`` (so a run resumes attack by attack); the curves are
-drawn to ``--figures-dir``; the section ``--section`` of BENCHMARKS.md is rewritten unless --no-write.
+drawn to ``--figures-dir`` and the section ``--section`` of BENCHMARKS.md is rewritten, unless
+--no-write (then only WORK_DIR/report.md and WORK_DIR/figures).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import pixelchain as pc
-from benchmarks.common import Stopwatch, machine, write_section
+from benchmarks.common import Stopwatch, figures_dir, machine, write_section
 from pixelchain import adaptive, defend, runtime
 from pixelchain.plots import COLOURS
 
@@ -147,7 +148,8 @@ def main() -> None:
     parser.add_argument("--work-dir", default="runs/adaptive")
     parser.add_argument("--figures-dir", default=str(FIGURES))
     parser.add_argument("--section", default="pixeldefend_adaptive")
-    parser.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md alone")
+    parser.add_argument("--no-write", action="store_true",
+                        help="leave BENCHMARKS.md and its figures alone (the figures go to --work-dir)")
     parser.add_argument("--cached-only", action="store_true", help="run no attack: the tables of the attacks "
                         "already cached in --work-dir (one run's grid can be filled in over several calls)")
     parser.add_argument("--device", default="auto")
@@ -170,7 +172,7 @@ def main() -> None:
             res = against_pixeldefend(args, clf, model, x, y, e, work / f"{tag}_def{e}", f"{name}, eps_def {e}")
             if not res["rows"]:  # --cached-only, nothing run yet
                 continue
-            figure = Path(args.figures_dir) / f"{args.section}_{Path(name).name}_def{e}.png"
+            figure = figures_dir(args) / f"{args.section}_{Path(name).name}_def{e}.png"
             res["figure"] = os.path.relpath(save_curves(res.pop("curves"), figure), REPO)
             out[e] = res
         if args.adaptive_eps:

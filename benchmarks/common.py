@@ -117,6 +117,12 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> 
     return statistics.median(times)
 
 
+def figures_dir(args) -> Path:
+    """Where a benchmark draws its figures: ``args.figures_dir``, or under ``args.no_write`` a folder of
+    ``args.work_dir``, so that a run told to leave BENCHMARKS.md alone does not replace the figures it shows."""
+    return Path(args.work_dir) / "figures" if args.no_write else Path(args.figures_dir)
+
+
 def write_section(name: str, body: str) -> None:
     """Replace the section ``name`` of BENCHMARKS.md (between its markers) with ``body``, stamped
     with the command that produced it and the date."""

@@ -17,8 +17,8 @@ eps, in chunks of ``--chunk`` images; purified images and bits/dim by the conten
 the weights' digest), so an interrupted run resumes where it stopped. ART's C&W
 L-inf optimises one image at a time (about 5 s per image on one loaded CPU thread here; DeepFool
 about 1 s): ``--attacks`` leaves attacks out, and a second run with ``--section`` can give them
-fewer images. Writes the ``--section`` section of BENCHMARKS.md (``--no-write``: only
-WORK_DIR/report.md) and the histograms to ``--figures-dir``. The attacks that know the defence
+fewer images. Writes the ``--section`` section of BENCHMARKS.md and the histograms to
+``--figures-dir`` (``--no-write``: only WORK_DIR/report.md and WORK_DIR/figures). The attacks that know the defence
 (BPDA, APGD through the purifier, a detector-aware attacker) are benchmarks/adaptive.py's.
 """
 
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import pixelchain as pc
-from benchmarks.common import Stopwatch, machine, write_section
+from benchmarks.common import Stopwatch, figures_dir, machine, write_section
 from benchmarks.decoding import naive_seconds
 from pixelchain import attacks, checkpoint, defend, plots, runtime
 
@@ -131,7 +131,8 @@ def main() -> None:
     parser.add_argument("--work-dir", default="runs/pixeldefend")
     parser.add_argument("--figures-dir", default=str(FIGURES))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md alone")
+    parser.add_argument("--no-write", action="store_true",
+                        help="leave BENCHMARKS.md and its figures alone (the figures go to --work-dir)")
     parser.add_argument("--section", default="pixeldefend",
                         help="BENCHMARKS.md section and figure-name prefix (e.g. slow attacks on fewer images)")
     args = parser.parse_args()
@@ -141,7 +142,7 @@ def main() -> None:
     model = bench.model
     adaptive_eps = args.adaptive_eps or max(args.eps_defend)
     work = Path(args.work_dir)
-    Path(args.figures_dir).mkdir(parents=True, exist_ok=True)
+    figures_dir(args).mkdir(parents=True, exist_ok=True)
 
     test = pc.data.load(args.dataset, "test")
     index = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[: args.n].sort().values
@@ -206,8 +207,8 @@ def main() -> None:
                 histogram[attack] = bpd
                 if attack == args.attacks[-1]:
                     plots.save_before_after(x_adv[:8], bench.purify(x_adv, adaptive_eps)[:8], model.num_levels,
-                                            Path(args.figures_dir) / f"{args.section}_{Path(name).name}_{attack}.png")
-        plots.save_histogram(histogram, Path(args.figures_dir) / f"{args.section}_bpd_{Path(name).name}.png")
+                                            figures_dir(args) / f"{args.section}_{Path(name).name}_{attack}.png")
+        plots.save_histogram(histogram, figures_dir(args) / f"{args.section}_bpd_{Path(name).name}.png")
         results["classifiers"][name] = out
 
     timing = json.loads(bench.timing_path.read_text()) if bench.timing_path.is_file() else {}
@@ -256,7 +257,7 @@ def render(args, results: dict, adaptive_eps: int) -> str:
             lines += ["", f"Lost to the attack, % of images (the clean image purified is classified right, the "
                       f"attacked one purified is not), ε_def {eps}: {each}. The rest of each attack's error lies "
                       f"among the {wrong}% of clean images the classifier misclassifies once purified."]
-        figure = os.path.relpath(Path(args.figures_dir) / f"{args.section}_bpd_{Path(name).name}.png", REPO)
+        figure = os.path.relpath(figures_dir(args) / f"{args.section}_bpd_{Path(name).name}.png", REPO)
         lines += ["", f"![bits/dim, {name}]({figure})", ""]
     timing = results["timing"]
     rate = {k: sum(t["images"] for t in v) / sum(t["seconds"] for t in v) for k, v in timing.items()}
