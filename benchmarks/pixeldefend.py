@@ -158,19 +158,18 @@ def main() -> None:
     clean_bpd = bench.bpd(x)
 
     def evaluate(clf, images: torch.Tensor, bpd: torch.Tensor, eps_list: list[int],
-                 clean_right: dict[int, torch.Tensor] | None = None) -> dict:
+                 clean_right: dict[int, torch.Tensor] | None = None) -> tuple[dict, dict[int, torch.Tensor]]:
         """Accuracy with no defence, PixelDefend at each eps of ``eps_list`` and adaptive; AUROC of
-        bits/dim vs clean. With ``clean_right`` (which clean images each eps's purification leaves
-        classified right): ``lost{eps}``, the share the attack costs there (right clean, wrong attacked)."""
+        bits/dim vs clean; and which images each eps's purification leaves classified right. Given
+        the clean images' (``clean_right``): ``lost{eps}``, the share the attack costs there (right
+        clean, wrong attacked)."""
         row = {"none": defend.accuracy(clf, images.to(device), y.to(device))}
         purified = {e: bench.purify(images, e) for e in sorted(set(eps_list) | {adaptive_eps})}
+        right = {e: defend.correct(clf, purified[e].to(device), y.to(device)) for e in eps_list}
         for e in eps_list:
-            right = defend.correct(clf, purified[e].to(device), y.to(device))
-            row[f"eps{e}"] = right.double().mean().item()
-            if clean_right is None:
-                row[f"right{e}"] = right
-            else:
-                row[f"lost{e}"] = (clean_right[e] & ~right).double().mean().item()
+            row[f"eps{e}"] = right[e].double().mean().item()
+            if clean_right is not None:
+                row[f"lost{e}"] = (clean_right[e] & ~right[e]).double().mean().item()
         # adaptive PixelDefend: purification is per image, so it is the purified image where p <= threshold
         touched = defend.p_values(bpd, reference_bpd) <= threshold
         adaptive = torch.where(touched.view(-1, 1, 1, 1), purified[adaptive_eps], images)
@@ -178,7 +177,7 @@ def main() -> None:
         row["purified_share"] = touched.double().mean().item()
         row["bpd"] = bpd.mean().item()
         row["auroc"] = defend.auroc(clean_bpd, bpd)
-        return row
+        return row, right
 
     results: dict = {"classifiers": {}}
     for name in args.classifiers:
@@ -187,8 +186,8 @@ def main() -> None:
             raise SystemExit(f"{name} is not a classifier")
         defend.check_pair(clf, model)
         tag = f"{Path(name).name}_{weights_digest(name)}_n{args.n}_seed{args.seed}"
-        out: dict = {"clean": evaluate(clf, x, clean_bpd, args.eps_defend), "attacks": {}}
-        clean_right = {e: out["clean"].pop(f"right{e}") for e in args.eps_defend}
+        clean, clean_right = evaluate(clf, x, clean_bpd, args.eps_defend)
+        out: dict = {"clean": clean, "attacks": {}}
         histogram = {"clean": clean_bpd}
         settings = [(a, args.eps_attack) for a in args.attacks]
         settings += [(a, e) for a in args.sweep_attacks for e in args.sweep if e != args.eps_attack]
@@ -202,7 +201,7 @@ def main() -> None:
             bpd = bench.bpd(x_adv)
             swept = eps != args.eps_attack
             eps_list = args.sweep_eps_defend if swept else args.eps_defend
-            out["attacks"][f"{attack}@{eps}"] = evaluate(clf, x_adv, bpd, eps_list, clean_right)
+            out["attacks"][f"{attack}@{eps}"] = evaluate(clf, x_adv, bpd, eps_list, clean_right)[0]
             if eps == args.eps_attack:
                 histogram[attack] = bpd
                 if attack == args.attacks[-1]:
