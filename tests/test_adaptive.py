@@ -224,6 +224,14 @@ def test_cli_attack_bpda(tmp_path, capsys):
         curve = (out / "curve.csv").read_text().splitlines()
         assert curve[0] == "step,robust_accuracy" and float(curve[-1].split(",")[1]) == pytest.approx(robust.mean())
         assert f"{robust.mean():.2%} robust" in printed
+        pure = defend.purify(model, data.images[:12], 2, progress=False)
+        assert f"{defend.accuracy(clf, pure, data.labels[:12]):.2%} clean" in printed
+    # eps spanning every level: each image of the other class is a fooling image for every original,
+    # so nothing is robust, yet the clean figure is still the clean images' own accuracy once purified
+    main(["attack", *common, "--eps", "15", "--method", "apgd-ce", "--purifier", str(tmp_path / "model"),
+          "--eps-def", "2", "--steps", "1", "--out", str(tmp_path / "every_level")])
+    printed = capsys.readouterr().out
+    assert "0.00% robust" in printed and f"{defend.accuracy(clf, pure, data.labels[:12]):.2%} clean" in printed
     for argv, message in [([], "pass --purifier"), (["--purifier", str(tmp_path / "clf")], "only density models"),
                           (["--purifier", str(tmp_path / "model"), "--steps", "0"], "expected an integer >= 1")]:
         with pytest.raises(SystemExit):
