@@ -444,8 +444,10 @@ def adaptive_attack(args, classifier: Classifier, x: torch.Tensor, y: torch.Tens
                                restarts=args.restarts, route=args.route, model=model, eps_def=args.eps_def,
                                temperature=args.temperature, seed=args.seed)
     elapsed = time.perf_counter() - start
-    defended.tracker = None  # the clean images' own labels (cached), not the attack's bookkeeping, in which an
-    clean = defend.accuracy(classifier, defended(x), y)  # image may count against another within eps of it
+    # the clean images' own accuracy once purified (cached), not the curve's step 0: in the attack's
+    # bookkeeping an image may also count against another original within eps of it
+    defended.tracker = None
+    clean = defend.accuracy(classifier, defended(x), y)
     save_levels(out / "adversarial.npy", result.x_adv, classifier.num_levels)
     np.save(out / "labels.npy", y.numpy())
     np.save(out / "robust.npy", result.robust.numpy())
