@@ -434,6 +434,9 @@ def adaptive_attack(args, classifier: Classifier, x: torch.Tensor, y: torch.Tens
     defended = adaptive.Defended(lambda v: defend.purify(model, v, args.eps_def, batch_size=args.batch_size,
                                                          progress=False), classifier)
     start = time.perf_counter()
+    # the clean images' own accuracy once purified, not the curve's step 0 (in the attack's bookkeeping
+    # an image may also count against another original within eps of it); the attack reuses the cache
+    clean = defend.accuracy(classifier, defended(x), y)
     if args.method == "bpda":
         result = adaptive.pgd(classifier, defended, x, y, args.eps, steps=args.steps, step_size=args.step_size,
                               restarts=args.restarts, random_start=not args.no_random_start, route=args.route,
@@ -444,10 +447,6 @@ def adaptive_attack(args, classifier: Classifier, x: torch.Tensor, y: torch.Tens
                                restarts=args.restarts, route=args.route, model=model, eps_def=args.eps_def,
                                temperature=args.temperature, seed=args.seed)
     elapsed = time.perf_counter() - start
-    # the clean images' own accuracy once purified (cached), not the curve's step 0: in the attack's
-    # bookkeeping an image may also count against another original within eps of it
-    defended.tracker = None
-    clean = defend.accuracy(classifier, defended(x), y)
     save_levels(out / "adversarial.npy", result.x_adv, classifier.num_levels)
     np.save(out / "labels.npy", y.numpy())
     np.save(out / "robust.npy", result.robust.numpy())
@@ -457,7 +456,7 @@ def adaptive_attack(args, classifier: Classifier, x: torch.Tensor, y: torch.Tens
     print(f"{args.method} ({args.route} gradient; eps {args.eps}, eps_def {args.eps_def}, {args.steps} steps of "
           f"{args.step_size}, {args.restarts} restarts) on {len(x)} images in {elapsed:.1f} s: accuracy after "
           f"purification {clean:.2%} clean, {result.accuracy:.2%} robust (worst case over iterates and "
-          f"restarts; {result.purified} images purified) -> {out / 'adversarial.npy'}, {out / 'robust.npy'}, "
+          f"restarts; {defended.images} images purified) -> {out / 'adversarial.npy'}, {out / 'robust.npy'}, "
           f"{out / 'curve.csv'}")
 
 

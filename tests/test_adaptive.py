@@ -214,6 +214,7 @@ def test_cli_attack_bpda(tmp_path, capsys):
     np.save(tmp_path / "y.npy", data.labels[:12].numpy())
     common = [str(tmp_path / "clf"), str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--eps", "4",
               "--device", "cpu"]
+    clean = defend.accuracy(clf, defend.purify(model, data.images[:12], 2, progress=False), data.labels[:12])
     for method, extra in [("bpda", ["--route", "surrogate"]), ("apgd-ce", [])]:
         out = tmp_path / method
         main(["attack", *common, "--method", method, "--purifier", str(tmp_path / "model"), "--eps-def", "2",
@@ -224,14 +225,13 @@ def test_cli_attack_bpda(tmp_path, capsys):
         curve = (out / "curve.csv").read_text().splitlines()
         assert curve[0] == "step,robust_accuracy" and float(curve[-1].split(",")[1]) == pytest.approx(robust.mean())
         assert f"{robust.mean():.2%} robust" in printed
-        pure = defend.purify(model, data.images[:12], 2, progress=False)
-        assert f"{defend.accuracy(clf, pure, data.labels[:12]):.2%} clean" in printed
+        assert f"{clean:.2%} clean" in printed
     # eps spanning every level: each image of the other class is a fooling image for every original,
     # so nothing is robust, yet the clean figure is still the clean images' own accuracy once purified
     main(["attack", *common, "--eps", "15", "--method", "apgd-ce", "--purifier", str(tmp_path / "model"),
           "--eps-def", "2", "--steps", "1", "--out", str(tmp_path / "every_level")])
     printed = capsys.readouterr().out
-    assert "0.00% robust" in printed and f"{defend.accuracy(clf, pure, data.labels[:12]):.2%} clean" in printed
+    assert "0.00% robust" in printed and f"{clean:.2%} clean" in printed
     for argv, message in [([], "pass --purifier"), (["--purifier", str(tmp_path / "clf")], "only density models"),
                           (["--purifier", str(tmp_path / "model"), "--steps", "0"], "expected an integer >= 1")]:
         with pytest.raises(SystemExit):
